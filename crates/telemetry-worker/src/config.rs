@@ -1,0 +1,165 @@
+//! The worker's settings. Every field has a default that works with the local stack
+//! (`make demo`); see `telemetry-worker --help` for the matching flags and environment variables.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use telemetry_core::config::{redact_url, ConfigError, Validate};
+use telemetry_core::contract::DEFAULT_MAX_PAYLOAD_BYTES;
+use telemetry_core::kafka::KafkaConfig;
+use telemetry_core::observe::{HttpConfig, LogFormat};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    pub kafka: KafkaConfig,
+    /// Kafka consumer group; every replica of one deployment uses the same one.
+    pub group_id: String,
+    pub postgres: PostgresConfig,
+    pub batch: BatchConfig,
+    /// Payloads larger than this go to the dead-letter topic.
+    pub max_payload_bytes: usize,
+    /// Apply pending database migrations at start-up.
+    pub migrate_on_start: bool,
+    pub http: HttpConfig,
+    pub log_format: LogFormat,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            kafka: KafkaConfig::default(),
+            group_id: "telemetry-worker".into(),
+            postgres: PostgresConfig::default(),
+            batch: BatchConfig::default(),
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            migrate_on_start: true,
+            http: HttpConfig {
+                listen: "0.0.0.0:9101".parse().expect("valid address"),
+            },
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Connection URL, normally PgBouncer's (transaction mode), e.g.
+    /// `postgres://telemetry@127.0.0.1:6432/telemetry`.
+    pub url: String,
+    /// Connections kept by this replica. One writer uses one at a time; the rest serve retries
+    /// and migrations.
+    pub pool_size: usize,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:6432/telemetry".into(),
+            pool_size: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// A batch is written when it holds this many records...
+    pub max_records: usize,
+    /// ...or when this many milliseconds have passed since its first record, whichever is first.
+    pub max_wait_ms: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_records: 1000,
+            max_wait_ms: 100,
+        }
+    }
+}
+
+impl BatchConfig {
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.max_wait_ms)
+    }
+}
+
+impl Validate for WorkerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.kafka.validate()?;
+        if self.group_id.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "group_id",
+                "is empty; name the consumer group",
+            ));
+        }
+        if self.postgres.url.parse::<tokio_postgres::Config>().is_err() {
+            return Err(ConfigError::invalid(
+                "postgres.url",
+                format!(
+                    "'{}' is not a PostgreSQL URL (postgres://user@host:port/db)",
+                    redact_url(&self.postgres.url)
+                ),
+            ));
+        }
+        if self.postgres.pool_size == 0 {
+            return Err(ConfigError::invalid(
+                "postgres.pool_size",
+                "must be at least 1",
+            ));
+        }
+        if !(1..=100_000).contains(&self.batch.max_records) {
+            return Err(ConfigError::invalid(
+                "batch.max_records",
+                "must be between 1 and 100000",
+            ));
+        }
+        if !(1..=60_000).contains(&self.batch.max_wait_ms) {
+            return Err(ConfigError::invalid(
+                "batch.max_wait_ms",
+                "must be between 1 and 60000",
+            ));
+        }
+        if self.max_payload_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "max_payload_bytes",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid() {
+        WorkerConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_bad_batch_size_is_named() {
+        let mut config = WorkerConfig::default();
+        config.batch.max_records = 0;
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("batch.max_records"));
+    }
+
+    #[test]
+    fn a_bad_database_url_is_named_without_its_password() {
+        let mut config = WorkerConfig::default();
+        config.postgres.url = "mysql://me:secret@host/db?x=%%".into();
+        let message = config.validate().unwrap_err().to_string();
+        assert!(
+            message.contains("postgres.url") && !message.contains("secret"),
+            "{message}"
+        );
+    }
+}

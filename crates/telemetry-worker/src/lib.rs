@@ -1,0 +1,112 @@
+//! The worker: consumes `iot-stream` in a Kafka consumer group and stores every record exactly
+//! once in PostgreSQL with binary COPY, through PgBouncer.
+//!
+//! - [`config`]: settings and their checks.
+//! - [`schema`]: embedded migrations (`telemetry-worker migrate`).
+//! - [`record`]: a Kafka record decoded into a row or a dead letter.
+//! - [`ingest`]: the consumer loop (batching, Kafka commits, backpressure).
+//! - [`sink`]: the exactly-once writer (the guarantee is described there).
+//! - [`copy`]: binary COPY encoding.
+//! - [`dlq`]: the dead-letter producer.
+//! - [`metrics`]: every metric's name.
+
+pub mod config;
+pub mod copy;
+pub mod dlq;
+pub mod ingest;
+pub mod metrics;
+pub mod record;
+pub mod schema;
+pub mod sink;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use rdkafka::consumer::Consumer;
+use telemetry_core::backoff::Backoff;
+use telemetry_core::observe::{self, Health};
+use telemetry_core::Shutdown;
+
+pub use config::WorkerConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Observe(#[from] observe::ObserveError),
+    #[error("cannot create the database pool for {url}: {reason}")]
+    Pool { url: String, reason: String },
+    #[error("cannot migrate the database: {0}")]
+    Schema(#[from] schema::SchemaError),
+    #[error("cannot create the Kafka client: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Sink(#[from] sink::SinkError),
+}
+
+/// Runs the worker until shutdown: migrations (unless disabled), health server, consumer loop.
+pub async fn run(config: WorkerConfig, shutdown: Shutdown) -> Result<(), WorkerError> {
+    let health = Health::new();
+    health.set("postgres", false);
+    observe::serve_http(config.http.listen, health.clone(), shutdown.clone()).await?;
+    let pool = create_pool(&config.postgres)?;
+    if config.migrate_on_start && !migrate_when_reachable(&pool, &shutdown).await? {
+        return Ok(());
+    }
+    health.set("postgres", true);
+    let consumer = ingest::create_consumer(&config)?;
+    consumer.subscribe(&[&config.kafka.topic])?;
+    let dead_letters = dlq::DeadLetterProducer::new(&config.kafka)?;
+    let sink = sink::Sink::new(pool, config.kafka.topic.clone(), dead_letters, health);
+    tracing::info!(topic = %config.kafka.topic, group = %config.group_id, "worker consuming");
+    ingest::consume(&consumer, &sink, &config, &shutdown).await?;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// A pool that issues no named statement that outlives a transaction, as PgBouncer's
+/// transaction mode requires: the worker never uses the pool's statement cache.
+pub fn create_pool(config: &config::PostgresConfig) -> Result<Pool, WorkerError> {
+    let pool_error = |reason: String| WorkerError::Pool {
+        url: telemetry_core::config::redact_url(&config.url),
+        reason,
+    };
+    let pg: tokio_postgres::Config = config
+        .url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| pool_error(e.to_string()))?;
+    let manager = Manager::from_config(
+        pg,
+        tokio_postgres::NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(config.pool_size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .create_timeout(Some(Duration::from_secs(5)))
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .build()
+        .map_err(|e| pool_error(e.to_string()))
+}
+
+/// Applies migrations, waiting for the database to come up first. Returns false on shutdown.
+async fn migrate_when_reachable(pool: &Pool, shutdown: &Shutdown) -> Result<bool, WorkerError> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        match pool.get().await {
+            Ok(mut client) => {
+                schema::migrate(&mut client).await?;
+                return Ok(true);
+            }
+            Err(error) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "database not reachable yet");
+                tokio::select! {
+                    _ = shutdown.wait() => return Ok(false),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}

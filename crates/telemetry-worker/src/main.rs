@@ -1,0 +1,124 @@
+//! `telemetry-worker`: consume `iot-stream` and store it in PostgreSQL.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use telemetry_core::config::{self, flag, Sources};
+use telemetry_core::observe;
+use telemetry_core::Shutdown;
+use telemetry_worker::WorkerConfig;
+
+/// Settings come from flags, then `TELEMETRY_WORKER_*` environment variables (nested fields with
+/// `__`, e.g. TELEMETRY_WORKER_BATCH__MAX_RECORDS), then the TOML file, then defaults.
+#[derive(Debug, Parser)]
+#[command(
+    name = "telemetry-worker",
+    version,
+    about = "Consume iot-stream and store every record exactly once in PostgreSQL"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// TOML config file.
+    #[arg(long, global = true, env = "TELEMETRY_WORKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers (kafka.brokers).
+    #[arg(long, global = true)]
+    brokers: Option<String>,
+    /// Telemetry topic (kafka.topic).
+    #[arg(long, global = true)]
+    topic: Option<String>,
+    /// Dead-letter topic (kafka.dlq_topic).
+    #[arg(long, global = true)]
+    dlq_topic: Option<String>,
+    /// Consumer group (group_id).
+    #[arg(long, global = true)]
+    group_id: Option<String>,
+    /// PostgreSQL URL, normally PgBouncer's (postgres.url).
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+    /// Records per batch (batch.max_records).
+    #[arg(long, global = true)]
+    batch_max_records: Option<usize>,
+    /// Milliseconds a batch may wait for more records (batch.max_wait_ms).
+    #[arg(long, global = true)]
+    batch_max_wait_ms: Option<u64>,
+    /// Address of the /metrics, /healthz and /readyz server (http.listen).
+    #[arg(long, global = true)]
+    http_listen: Option<SocketAddr>,
+    /// Do not apply migrations at start-up (migrate_on_start = false).
+    #[arg(long, global = true)]
+    no_migrate: bool,
+    /// Log format: text or json (log_format).
+    #[arg(long, global = true)]
+    log_format: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Consume and store until SIGTERM or SIGINT (the default).
+    Run,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Print the effective configuration as TOML and exit.
+    PrintConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("telemetry-worker: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<WorkerConfig, config::ConfigError> {
+    config::load(Sources {
+        file: cli.config.as_deref(),
+        env_prefix: "TELEMETRY_WORKER_",
+        overrides: vec![
+            ("kafka.brokers", flag(cli.brokers.clone())),
+            ("kafka.topic", flag(cli.topic.clone())),
+            ("kafka.dlq_topic", flag(cli.dlq_topic.clone())),
+            ("group_id", flag(cli.group_id.clone())),
+            ("postgres.url", flag(cli.database_url.clone())),
+            ("batch.max_records", flag(cli.batch_max_records)),
+            ("batch.max_wait_ms", flag(cli.batch_max_wait_ms)),
+            ("http.listen", flag(cli.http_listen.map(|a| a.to_string()))),
+            ("migrate_on_start", flag(cli.no_migrate.then_some(false))),
+            ("log_format", flag(cli.log_format.clone())),
+        ],
+    })
+}
+
+#[tokio::main]
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = load_config(&cli)?;
+    observe::init_logging(config.log_format);
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let shutdown = Shutdown::new();
+            shutdown.trigger_on_signals();
+            telemetry_worker::run(config, shutdown).await?;
+        }
+        Command::Migrate => {
+            let pool = telemetry_worker::create_pool(&config.postgres)?;
+            let mut client = pool.get().await.context("cannot connect to the database")?;
+            let applied = telemetry_worker::schema::migrate(&mut client).await?;
+            println!("applied migrations: {applied:?}");
+        }
+        Command::PrintConfig => {
+            print!(
+                "{}",
+                toml::to_string_pretty(&config).context("cannot print the config")?
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what the tests and the local stack need: PostgreSQL 15, PgBouncer, Mosquitto and its
+# clients from Debian, and Tansu (a Kafka-compatible broker) from crates.io. Idempotent, and
+# quick when everything is present. The first Tansu build takes about 20 minutes.
+set -euo pipefail
+
+missing=()
+have_pg=false
+for bin in /usr/lib/postgresql/*/bin/postgres; do [ -x "$bin" ] && have_pg=true; done
+$have_pg || missing+=(postgresql)
+[ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null || missing+=(pgbouncer)
+[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || missing+=(mosquitto)
+command -v mosquitto_pub >/dev/null || missing+=(mosquitto-clients)
+command -v curl >/dev/null || missing+=(curl)
+
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "install-deps: installing Debian packages: ${missing[*]}"
+    $sudo apt-get update -qq
+    # policy-rc.d-less machines would start the packaged services on their default ports;
+    # the stack and the tests start their own instances on their own ports instead.
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+if ! command -v tansu >/dev/null && [ ! -x "$cargo_bin/tansu" ]; then
+    echo "install-deps: installing tansu 0.6.0 (about 20 minutes the first time)"
+    # Without --locked tansu 0.6.0 does not build against today's crates.
+    cargo install --locked tansu@0.6.0 --features dynostore,postgres
+fi
+echo "install-deps: postgresql, pgbouncer, mosquitto, mosquitto-clients and tansu are present"
