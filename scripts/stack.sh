@@ -53,8 +53,11 @@ start_postgres() {
     fi
     if ! as_db_user "$pg_bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
         log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+        touch "$STACK_DIR/postgres.log"
+        install -d "$STACK_DIR/run"
+        [ "$(id -u)" -eq 0 ] && chown postgres: "$STACK_DIR/postgres.log" "$STACK_DIR/run"
         as_db_user "$pg_bin/pg_ctl" -D "$data" -l "$STACK_DIR/postgres.log" -w start \
-            -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $STACK_DIR -c max_connections=200" >/dev/null
+            -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $STACK_DIR/run -c max_connections=200" >/dev/null
     fi
     if ! as_db_user "$pg_bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -Atc \
         "SELECT 1 FROM pg_database WHERE datname = '$DATABASE'" | grep -q 1; then
@@ -63,7 +66,7 @@ start_postgres() {
 }
 
 start_pgbouncer() {
-    alive "$STACK_DIR/pgbouncer.pid" && return
+    alive "$STACK_DIR/run/pgbouncer.pid" && return
     log "starting PgBouncer (transaction mode) on 127.0.0.1:$PGBOUNCER_PORT"
     echo '"postgres" ""' > "$STACK_DIR/pgbouncer.users"
     cat > "$STACK_DIR/pgbouncer.ini" <<INI
@@ -81,8 +84,9 @@ default_pool_size = 20
 server_login_retry = 1
 ignore_startup_parameters = extra_float_digits,options
 logfile = $STACK_DIR/pgbouncer.log
-pidfile = $STACK_DIR/pgbouncer.pid
+pidfile = $STACK_DIR/run/pgbouncer.pid
 INI
+    touch "$STACK_DIR/pgbouncer.log"
     [ "$(id -u)" -eq 0 ] && chown postgres: "$STACK_DIR"/pgbouncer.*
     as_db_user pgbouncer -d "$STACK_DIR/pgbouncer.ini"
     wait_for PgBouncer port_open "$PGBOUNCER_PORT"
@@ -162,7 +166,7 @@ stop_pidfile() { # name
 }
 
 down() {
-    for name in telemetry-bridge telemetry-worker tansu mosquitto pgbouncer; do stop_pidfile "$name"; done
+    for name in telemetry-bridge telemetry-worker tansu mosquitto run/pgbouncer; do stop_pidfile "$name"; done
     if [ -d "$STACK_DIR/postgres" ]; then
         as_db_user "$pg_bin/pg_ctl" -D "$STACK_DIR/postgres" -m fast -w stop >/dev/null 2>&1 || true
         log "stopped postgres"

@@ -1,0 +1,107 @@
+//! What a simulated device publishes.
+//!
+//! Payloads follow the wire contract in `telemetry_core::contract`: `ts` is the time the message
+//! was due, in epoch milliseconds (so `ingested_at - device_time` of the stored row is the
+//! end-to-end latency measured from the timetable, lateness of the sender included), `seq`
+//! counts from `--seq-start` without gaps, and every other member is a numeric reading.
+
+use std::fmt::Write;
+
+use rand::Rng;
+
+/// Temperature above which the examples raise an alert. Alert readings are drawn above it and
+/// normal ones well below, so that no rounding can move a reading across.
+pub const ALERT_THRESHOLD: f64 = 80.0;
+
+/// Whether message `k` of a device carries an alert-level temperature. Spreads exactly
+/// `floor(n * fraction)` alerts evenly over the first `n` messages, so a later alerts check can
+/// know which messages should have raised one without replaying a random generator.
+pub fn is_alert(k: u64, fraction: f64) -> bool {
+    ((k + 1) as f64 * fraction).floor() > (k as f64 * fraction).floor()
+}
+
+/// Writes the JSON payload of one message into `out` (cleared first).
+pub fn write(
+    out: &mut String,
+    ts_ms: i64,
+    seq: i64,
+    alert: bool,
+    min_bytes: usize,
+    rng: &mut impl Rng,
+) {
+    out.clear();
+    let temperature = if alert {
+        rng.random_range(80.5..95.0)
+    } else {
+        rng.random_range(15.0..30.0)
+    };
+    let humidity: f64 = rng.random_range(30.0..60.0);
+    // Writing to a String cannot fail.
+    let _ = write!(
+        out,
+        r#"{{"ts":{ts_ms},"seq":{seq},"temperature":{temperature:.1},"humidity":{humidity:.1}"#
+    );
+    let mut pad = 0;
+    // The closing brace counts towards the size.
+    while out.len() + 1 < min_bytes {
+        let reading: f64 = rng.random_range(0.0..1000.0);
+        let _ = write!(out, r#","p{pad}":{reading:.3}"#);
+        pad += 1;
+    }
+    out.push('}');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+    use telemetry_core::contract::{decode_payload, DEFAULT_MAX_PAYLOAD_BYTES};
+
+    #[test]
+    fn payloads_satisfy_the_contract() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut out = String::new();
+        for (min_bytes, alert) in [(0, false), (200, true), (4096, false)] {
+            write(&mut out, 1_764_000_000_123, 41, alert, min_bytes, &mut rng);
+            let telemetry = decode_payload(out.as_bytes(), DEFAULT_MAX_PAYLOAD_BYTES).expect(&out);
+            assert_eq!(telemetry.seq, Some(41));
+            assert_eq!(
+                telemetry.device_time.unwrap().timestamp_millis(),
+                1_764_000_000_123
+            );
+            assert!(out.len() >= min_bytes, "{} < {min_bytes}", out.len());
+            assert!(
+                out.len() < min_bytes.max(60) + 20,
+                "padding overshoots: {}",
+                out.len()
+            );
+        }
+    }
+
+    #[test]
+    fn alert_readings_are_above_the_threshold_and_others_well_below() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut out = String::new();
+        for alert in [true, false] {
+            for _ in 0..200 {
+                write(&mut out, 0, 0, alert, 0, &mut rng);
+                let value: serde_json::Value = serde_json::from_str(&out).unwrap();
+                let temperature = value["temperature"].as_f64().unwrap();
+                assert_eq!(temperature > ALERT_THRESHOLD, alert, "{out}");
+                assert!(alert || (15.0..=30.0).contains(&temperature), "{out}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_alert_fraction_is_met_exactly_and_spread_out() {
+        let count = |n: u64, f: f64| (0..n).filter(|&k| is_alert(k, f)).count();
+        assert_eq!(count(1000, 0.0), 0);
+        assert_eq!(count(1000, 1.0), 1000);
+        assert_eq!(count(1000, 0.25), 250);
+        assert_eq!(count(1000, 0.013), 13);
+        let alerts: Vec<u64> = (0..20).filter(|&k| is_alert(k, 0.25)).collect();
+        assert_eq!(alerts, [3, 7, 11, 15, 19]);
+    }
+}
