@@ -39,6 +39,11 @@ fn consumer_config(kafka: &KafkaConfig, group_id: &str) -> rdkafka::ClientConfig
         // does not stop every other replica's work.
         ("partition.assignment.strategy", "cooperative-sticky"),
         ("queued.max.messages.kbytes", PREFETCH_KBYTES),
+        // A broker that does not answer a fetch as soon as data arrives holds it for this long;
+        // librdkafka's 500 ms default then dominated end-to-end latency at low rates (p50
+        // 485 ms against 97 ms with 20 ms on the local stack). Busy partitions are unaffected:
+        // their fetches return full.
+        ("fetch.wait.max.ms", "50"),
         // The worker reads non-transactional records only; read_committed also fails on some
         // Kafka-compatible brokers.
         ("isolation.level", "read_uncommitted"),
