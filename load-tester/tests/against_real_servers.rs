@@ -45,8 +45,9 @@ fn load_tester(flags: &[&str]) -> Output {
         .expect("the load-tester binary runs")
 }
 
-/// A fresh database with the worker's schema; returns (direct URL, PgBouncer URL).
-async fn fresh_database() -> (String, String) {
+/// A fresh database with the worker's schema; returns a direct connection to it and its
+/// PgBouncer URL.
+async fn fresh_database() -> (tokio_postgres::Client, String) {
     let servers = test_servers::shared();
     let name = unique_name("load_tester");
     servers.postgres.create_database(&name).unwrap();
@@ -57,7 +58,7 @@ async fn fresh_database() -> (String, String) {
     telemetry_worker::schema::migrate(&mut client)
         .await
         .unwrap();
-    (servers.postgres.url(&name), servers.pgbouncer.url(&name))
+    (client, servers.pgbouncer.url(&name))
 }
 
 fn last_json_line(output: &Output) -> serde_json::Value {
@@ -158,9 +159,7 @@ async fn the_schedule_holds_the_requested_rate_at_the_broker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_names_a_deleted_row_and_a_duplicated_row() {
-    let (direct, pgbouncer) = fresh_database().await;
-    let (client, connection) = tokio_postgres::connect(&direct, NoTls).await.unwrap();
-    tokio::spawn(connection);
+    let (client, pgbouncer) = fresh_database().await;
     // A fake run: 2 users x 2 devices x seq 0..=9, stored 40 ms after it was sent.
     client
         .batch_execute(
@@ -215,9 +214,7 @@ async fn verify_names_a_deleted_row_and_a_duplicated_row() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_refuses_to_start_when_the_run_would_mix_with_earlier_rows() {
-    let (direct, pgbouncer) = fresh_database().await;
-    let (client, connection) = tokio_postgres::connect(&direct, NoTls).await.unwrap();
-    tokio::spawn(connection);
+    let (client, pgbouncer) = fresh_database().await;
     client
         .batch_execute(
             "INSERT INTO raw_telemetry VALUES
