@@ -2,7 +2,7 @@
 #   make demo   install what is missing, start the local stack, drive a short load, and print
 #               messages published vs rows stored (the stack keeps running; `make down` stops it)
 #   make test   install what is missing, check formatting and lints, run every test
-.PHONY: deps build demo up down status test fmt clippy
+.PHONY: deps build demo up down status test fmt clippy bench-api bench-e2e bench-alerts bench-bridge
 
 CARGO ?= cargo
 
@@ -32,3 +32,26 @@ clippy:
 
 test: deps fmt clippy
 	$(CARGO) test --workspace
+
+# Latest-value requests/s and p99 through the API vs plain SELECTs on the same pool (one JSON line last).
+bench-api:
+	$(CARGO) run --release -p benchmarks --bin bench_api
+
+# The local stack's sustained MQTT -> PostgreSQL rate (verified, e2e p99 under 1 s) and the e2e
+# latency at half of it (one JSON line last). Starts the stack; leaves it running.
+bench-e2e: deps
+	$(CARGO) build --release -p telemetry-worker -p telemetry-bridge -p telemetry-api -p load-tester
+	$(CARGO) run --release -p benchmarks --bin bench_e2e
+
+# Device publish -> alert received by its owner, p50/p99, at half the sustained rate (one JSON
+# line last). Measures the sustained rate first if bench-e2e has not on this stack.
+bench-alerts: deps
+	$(CARGO) build --release -p telemetry-worker -p telemetry-bridge -p telemetry-api -p load-tester
+	$(CARGO) build --release -p benchmarks --bin bench_e2e
+	$(CARGO) run --release -p benchmarks --bin bench_alerts
+
+# The bridge's MQTT -> Kafka rate against the slower bare leg, the latency it adds at half that
+# rate, and its peak RSS, on private Mosquitto and Tansu (one JSON line last).
+bench-bridge:
+	$(CARGO) build --release -p telemetry-bridge
+	$(CARGO) run --release -p benchmarks --bin bench_bridge

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The local stack without Docker: PostgreSQL, PgBouncer (transaction mode), Mosquitto (standing
-# in for EMQX), Tansu (standing in for Redpanda), the worker and the native bridge, each on its
-# own port, with data and logs under $STACK_DIR.
+# in for EMQX, with per-user logins and an ACL), Tansu (standing in for Redpanda), the worker
+# (with the alert rules of deploy/alerts/rules.toml), the native bridge and the query API, each
+# on its own port, with data and logs under $STACK_DIR.
 #
-#   scripts/stack.sh up       start whatever is not running (idempotent)
-#   scripts/stack.sh down     stop everything and delete the data
-#   scripts/stack.sh status   show what runs where
+#   scripts/stack.sh up                   start whatever is not running (idempotent)
+#   scripts/stack.sh down                 stop everything and delete the data
+#   scripts/stack.sh status               show what runs where
+#   scripts/stack.sh users PREFIX COUNT   add MQTT logins PREFIX1..PREFIXCOUNT, each with the
+#                                         password secret-<user> (the load-tester's
+#                                         --mqtt-credentials-per-user '{user}:secret-{user}')
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,6 +20,8 @@ MQTT_PORT=${MQTT_PORT:-51883}
 KAFKA_PORT=${KAFKA_PORT:-59092}
 WORKER_HTTP=${WORKER_HTTP:-127.0.0.1:9101}
 BRIDGE_HTTP=${BRIDGE_HTTP:-127.0.0.1:9102}
+API_HTTP=${API_HTTP:-127.0.0.1:9103}
+API_LISTEN=${API_LISTEN:-127.0.0.1:8081}
 PARTITIONS=${PARTITIONS:-12}
 BIN_DIR=${BIN_DIR:-$here/target/release}
 DATABASE=telemetry
@@ -68,7 +74,9 @@ start_postgres() {
 start_pgbouncer() {
     alive "$STACK_DIR/run/pgbouncer.pid" && return
     log "starting PgBouncer (transaction mode) on 127.0.0.1:$PGBOUNCER_PORT"
-    echo '"postgres" ""' > "$STACK_DIR/pgbouncer.users"
+    # trust: PgBouncer lets in whoever is listed, with any password; the API reads as
+    # telemetry_reader (its migration creates the role), everything else connects as postgres.
+    printf '"postgres" ""\n"telemetry_reader" ""\n' > "$STACK_DIR/pgbouncer.users"
     cat > "$STACK_DIR/pgbouncer.ini" <<INI
 [databases]
 * = host=127.0.0.1 port=$PG_PORT
@@ -92,13 +100,29 @@ INI
     wait_for PgBouncer port_open "$PGBOUNCER_PORT"
 }
 
+# MQTT logins, as in the Docker stack's deploy/emqx/users.csv (no superuser: load tests log in
+# as each user, see `users`).
+SERVICE_LOGINS="telemetry-bridge:telemetry-bridge telemetry-worker:telemetry-worker"
+DEVICE_LOGINS="alice:alice-dev bob:bob-dev user-1:secret-user-1 user-2:secret-user-2 user-3:secret-user-3"
+
 start_mosquitto() {
     alive "$STACK_DIR/mosquitto.pid" && return
-    log "starting Mosquitto on 127.0.0.1:$MQTT_PORT"
+    log "starting Mosquitto on 127.0.0.1:$MQTT_PORT (logins and ACL: make status)"
     install -d "$STACK_DIR/mosquitto"
+    local passwords="$STACK_DIR/mosquitto.passwd"
+    if [ ! -f "$passwords" ]; then
+        printf '%s\n' $SERVICE_LOGINS $DEVICE_LOGINS > "$passwords"
+        mosquitto_passwd -U "$passwords"
+    fi
     {
         echo "listener $MQTT_PORT 127.0.0.1"
-        echo "allow_anonymous true"
+        echo "allow_anonymous false"
+        echo "password_file $passwords"
+        # Devices publish their own telemetry and read their own alerts, nothing else.
+        echo "acl_file $here/scripts/mosquitto-acl.conf"
+        # Without it Nagle's algorithm holds back every PUBACK of a burst but the first until
+        # the client's delayed ACK, about 40 ms each time.
+        echo "set_tcp_nodelay true"
         echo "persistence true"
         echo "persistence_location $STACK_DIR/mosquitto/"
         # Persistent sessions (the bridge's) must not drop QoS 1 messages while it is away.
@@ -113,8 +137,34 @@ start_mosquitto() {
     wait_for Mosquitto port_open "$MQTT_PORT"
 }
 
+# Adds device owners PREFIX1..PREFIXCOUNT with the password secret-<user>, leaving existing
+# ones alone, and has Mosquitto reload its password file (SIGHUP keeps every connection).
+add_users() { # prefix, count
+    local prefix=$1 count=$2
+    local passwords="$STACK_DIR/mosquitto.passwd" new="$STACK_DIR/mosquitto.passwd.new"
+    alive "$STACK_DIR/mosquitto.pid" || { log "Mosquitto is not running; run: scripts/stack.sh up"; exit 1; }
+    case $prefix in ''|*[/+#:]*) log "PREFIX must be non-empty without / + # or :"; exit 2 ;; esac
+    case $count in ''|*[!0-9]*) log "COUNT must be a whole number, got '$count'"; exit 2 ;; esac
+    [ "$count" -gt 0 ] || return 0
+    seq 1 "$count" | awk -F: -v p="$prefix" \
+        'NR == FNR { have[$1] = 1; next } !((p $0) in have) { print p $0 ":secret-" p $0 }' \
+        "$passwords" - > "$new"
+    if [ -s "$new" ]; then
+        mosquitto_passwd -U "$new"
+        cat "$new" >> "$passwords"
+        kill -HUP "$(cat "$STACK_DIR/mosquitto.pid")"
+        log "added $(wc -l < "$new") MQTT logins ${prefix}1..$prefix$count (password secret-<user>)"
+    fi
+    rm -f "$new"
+    # The reload is asynchronous: wait until the last login works.
+    local last="$prefix$count"
+    wait_for "Mosquitto's login for $last" mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" \
+        -u "$last" -P "secret-$last" -i "stack-users-check-$$" -t "users/$last/devices/+/alerts" -E
+}
+
 start_tansu() {
     alive "$STACK_DIR/tansu.pid" && return
+    forget_offsets
     [ -x "$tansu_bin" ] || { log "tansu not found; run: make deps"; exit 1; }
     log "starting Tansu (Kafka API, memory storage) on 127.0.0.1:$KAFKA_PORT"
     (cd "$STACK_DIR" && RUST_LOG=warn nohup "$tansu_bin" broker \
@@ -130,12 +180,43 @@ start_tansu() {
     done
 }
 
+# A Tansu that starts has empty topics (memory storage) whose offsets count from 0 again, while
+# PostgreSQL still holds the worker's offsets from the previous one: resuming from those would
+# skip as many new records. So the worker stops, and forgets them, before Tansu starts.
+forget_offsets() {
+    stop_pidfile telemetry-worker
+    as_db_user "$pg_bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d "$DATABASE" -qAtc \
+        "SELECT to_regclass('ingest_offsets') IS NOT NULL" | grep -q t || return 0
+    local forgotten
+    forgotten=$(as_db_user "$pg_bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d "$DATABASE" -qAtc \
+        "WITH gone AS (DELETE FROM ingest_offsets RETURNING 1) SELECT count(*) FROM gone")
+    [ "$forgotten" -eq 0 ] || log "forgot the worker's Kafka offsets of $forgotten partitions: they belonged to the previous Tansu"
+}
+
 start_stage() { # name, args...
     local name=$1; shift
     alive "$STACK_DIR/$name.pid" && return
     log "starting $name"
     nohup "$BIN_DIR/$name" "$@" > "$STACK_DIR/$name.log" 2>&1 &
     echo $! > "$STACK_DIR/$name.pid"
+}
+
+start_api() { # brokers
+    alive "$STACK_DIR/telemetry-api.pid" && return
+    if [ ! -x "$BIN_DIR/telemetry-api" ]; then
+        log "skipping the query API: $BIN_DIR/telemetry-api is missing (cargo build --release -p telemetry-api)"
+        return
+    fi
+    # Queries run as the read-only role through PgBouncer; the migration (as postgres) creates
+    # the role and grants it SELECT on the worker's tables, which exist once the worker is up.
+    local reader="postgres://telemetry_reader@127.0.0.1:$PGBOUNCER_PORT/$DATABASE"
+    local admin="postgres://postgres@127.0.0.1:$PGBOUNCER_PORT/$DATABASE"
+    "$BIN_DIR/telemetry-api" migrate --database-url "$reader" --admin-database-url "$admin" \
+        >> "$STACK_DIR/telemetry-api.log" 2>&1 \
+        || { log "the API's migration failed; see $STACK_DIR/telemetry-api.log"; exit 1; }
+    start_stage telemetry-api --brokers "$1" --listen "$API_LISTEN" --http-listen "$API_HTTP" \
+        --database-url "$reader" --admin-database-url "$admin" --no-migrate
+    wait_for "the API's /readyz" curl -fsS "http://$API_HTTP/readyz"
 }
 
 up() {
@@ -145,12 +226,19 @@ up() {
     start_mosquitto
     start_tansu
     local brokers="127.0.0.1:$KAFKA_PORT"
-    start_stage telemetry-worker --brokers "$brokers" --http-listen "$WORKER_HTTP" \
-        --database-url "postgres://postgres@127.0.0.1:$PGBOUNCER_PORT/$DATABASE"
-    start_stage telemetry-bridge --brokers "$brokers" --http-listen "$BRIDGE_HTTP" \
+    TELEMETRY_WORKER_ALERTS__OUTBOX__MQTT__USERNAME=telemetry-worker \
+    TELEMETRY_WORKER_ALERTS__OUTBOX__MQTT__PASSWORD=telemetry-worker \
+        start_stage telemetry-worker --brokers "$brokers" --http-listen "$WORKER_HTTP" \
+        --database-url "postgres://postgres@127.0.0.1:$PGBOUNCER_PORT/$DATABASE" \
+        --alert-rules "$here/deploy/alerts/rules.toml" --alerts-mqtt-host 127.0.0.1 \
+        --alerts-mqtt-port "$MQTT_PORT" --alerts-mqtt-client-id telemetry-worker-alerts-local
+    TELEMETRY_BRIDGE_MQTT__USERNAME=telemetry-bridge \
+    TELEMETRY_BRIDGE_MQTT__PASSWORD=telemetry-bridge \
+        start_stage telemetry-bridge --brokers "$brokers" --http-listen "$BRIDGE_HTTP" \
         --mqtt-host 127.0.0.1 --mqtt-port "$MQTT_PORT" --client-id telemetry-bridge-local
     wait_for "the worker's /readyz" curl -fsS "http://$WORKER_HTTP/readyz"
     wait_for "the bridge's /readyz" curl -fsS "http://$BRIDGE_HTTP/readyz"
+    start_api "$brokers"
     status
 }
 
@@ -166,7 +254,7 @@ stop_pidfile() { # name
 }
 
 down() {
-    for name in telemetry-bridge telemetry-worker tansu mosquitto run/pgbouncer; do stop_pidfile "$name"; done
+    for name in telemetry-api telemetry-bridge telemetry-worker tansu mosquitto run/pgbouncer; do stop_pidfile "$name"; done
     if [ -d "$STACK_DIR/postgres" ]; then
         as_db_user "$pg_bin/pg_ctl" -D "$STACK_DIR/postgres" -m fast -w stop >/dev/null 2>&1 || true
         log "stopped postgres"
@@ -178,17 +266,23 @@ status() {
     cat <<STATUS
 stack: running, data and logs in $STACK_DIR
   PostgreSQL   postgres://postgres@127.0.0.1:$PG_PORT/$DATABASE
-  PgBouncer    postgres://postgres@127.0.0.1:$PGBOUNCER_PORT/$DATABASE   (transaction mode)
-  Mosquitto    mqtt://127.0.0.1:$MQTT_PORT
+  PgBouncer    postgres://postgres@127.0.0.1:$PGBOUNCER_PORT/$DATABASE   (transaction mode; also telemetry_reader)
+  Mosquitto    mqtt://127.0.0.1:$MQTT_PORT   per-user logins and ACL (scripts/mosquitto-acl.conf):
+               devices alice/alice-dev, bob/bob-dev, user-1..3/secret-user-1..3 (more: $0 users PREFIX COUNT);
+               services telemetry-bridge/telemetry-bridge, telemetry-worker/telemetry-worker
   Tansu/Kafka  127.0.0.1:$KAFKA_PORT   topics iot-stream ($PARTITIONS partitions), iot-stream-dlq
-  worker       http://$WORKER_HTTP/metrics  /healthz  /readyz
+  worker       http://$WORKER_HTTP/metrics  /healthz  /readyz   alert rules $here/deploy/alerts/rules.toml
   bridge       http://$BRIDGE_HTTP/metrics  /healthz  /readyz
+  query API    http://$API_LISTEN/v1/openapi.json   http://$API_HTTP/metrics  /healthz  /readyz
 STATUS
 }
+
+usage() { echo "usage: $0 up|down|status|users PREFIX COUNT" >&2; exit 2; }
 
 case "${1:-}" in
     up) up ;;
     down) down ;;
     status) status ;;
-    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+    users) [ $# -eq 3 ] || usage; add_users "$2" "$3" ;;
+    *) usage ;;
 esac

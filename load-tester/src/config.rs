@@ -17,6 +17,15 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 /// Messages per device when neither `--messages` nor `--duration` is given.
 pub const DEFAULT_MESSAGES: u64 = 100;
 
+/// The rule in `deploy/alerts/rules.toml` that `--alert-fraction` readings cross.
+pub const DEFAULT_ALERT_RULE: &str = "high-temperature";
+
+/// Highest rate per device that `--verify-alerts` accepts. Alerts are matched to the reading
+/// that caused them by its time, which the payload carries in whole milliseconds; two readings
+/// of a device that raise (or clear) are at least two periods apart, so at up to 1000 msg/s
+/// per device they never share a millisecond.
+pub const MAX_ALERTS_RATE: f64 = 1000.0;
+
 /// Publishes telemetry as a fleet of simulated devices and measures the pipeline.
 ///
 /// Every device sends on a fixed timetable (message k is due at start + k / rate), so a slow
@@ -138,14 +147,21 @@ pub struct Args {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
-    /// How long --verify waits for the rows to arrive.
+    /// How long --verify waits for the rows to arrive, and --verify-alerts for the alerts.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     pub verify_timeout: Duration,
 
-    /// Check that the expected alerts were raised. Not available yet: the pipeline has no
-    /// alerts stage, so this flag exits with an error.
+    /// After the run, check in the `alerts` table that every alert the readings should have
+    /// raised or cleared (rule: temperature above 80.0, clear below 75.0) is stored exactly
+    /// once and published, and that a subscriber on the users' alert topics received it;
+    /// measures alert latency. Needs --database-url.
     #[arg(long)]
     pub verify_alerts: bool,
+
+    /// Name of the alert rule the alert readings cross (temperature above 80.0, clear below
+    /// 75.0); --verify-alerts looks only at this rule's alerts.
+    #[arg(long, default_value = DEFAULT_ALERT_RULE, value_name = "NAME")]
+    pub alert_rule: String,
 
     /// Print one JSON object with every figure as the last line of stdout (the table goes to
     /// stderr).
@@ -231,6 +247,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Set when `--verify` was given.
     pub verify: Option<VerifyConfig>,
+    /// Set when `--verify-alerts` was given.
+    pub verify_alerts: Option<VerifyAlertsConfig>,
     pub json: bool,
 }
 
@@ -238,6 +256,14 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct VerifyConfig {
     pub database_url: String,
+    pub timeout: Duration,
+}
+
+/// Where to look for the alerts, which rule's, and how long to wait for them.
+#[derive(Debug, Clone)]
+pub struct VerifyAlertsConfig {
+    pub database_url: String,
+    pub rule: String,
     pub timeout: Duration,
 }
 
@@ -255,10 +281,9 @@ pub enum ConfigError {
     )]
     VerifyWithoutDatabase,
     #[error(
-        "'--verify-alerts' is not available yet: the pipeline has no alerts stage (no 'alerts' \
-         table or alerts topic) to check against; run without it"
+        "'--verify-alerts' needs a database: pass '--database-url postgres://...' or set DATABASE_URL"
     )]
-    AlertsNotAvailable,
+    VerifyAlertsWithoutDatabase,
 }
 
 fn invalid(flag: &'static str, value: impl ToString, why: impl Into<String>) -> ConfigError {
@@ -272,9 +297,6 @@ fn invalid(flag: &'static str, value: impl ToString, why: impl Into<String>) -> 
 impl Config {
     /// Checks the flags against each other and against the wire contract.
     pub fn from_args(args: Args) -> Result<Config, ConfigError> {
-        if args.verify_alerts {
-            return Err(ConfigError::AlertsNotAvailable);
-        }
         if args.users == 0 {
             return Err(invalid(
                 "--users",
@@ -458,16 +480,42 @@ impl Config {
             (None, _) => (args.users as usize).min(DEFAULT_MAX_CONNECTIONS),
         };
 
-        let verify = match (args.verify, args.database_url) {
+        let database_url = args.database_url.filter(|url| !url.is_empty());
+        if (args.verify || args.verify_alerts) && args.verify_timeout.is_zero() {
+            return Err(invalid("--verify-timeout", "0s", "must be longer than 0"));
+        }
+        let verify = match (args.verify, &database_url) {
             (false, _) => None,
             (true, None) => return Err(ConfigError::VerifyWithoutDatabase),
-            (true, Some(url)) if url.is_empty() => return Err(ConfigError::VerifyWithoutDatabase),
+            (true, Some(database_url)) => Some(VerifyConfig {
+                database_url: database_url.clone(),
+                timeout: args.verify_timeout,
+            }),
+        };
+        let verify_alerts = match (args.verify_alerts, database_url) {
+            (false, _) => None,
+            (true, None) => return Err(ConfigError::VerifyAlertsWithoutDatabase),
             (true, Some(database_url)) => {
-                if args.verify_timeout.is_zero() {
-                    return Err(invalid("--verify-timeout", "0s", "must be longer than 0"));
+                if args.rate > MAX_ALERTS_RATE {
+                    return Err(invalid(
+                        "--rate",
+                        args.rate,
+                        format!(
+                            "--verify-alerts tells readings apart by their millisecond timestamps, \
+                             which needs at most {MAX_ALERTS_RATE} msg/s per device; add devices instead"
+                        ),
+                    ));
                 }
-                Some(VerifyConfig {
+                if args.alert_rule.is_empty() {
+                    return Err(invalid(
+                        "--alert-rule",
+                        "",
+                        "name the rule the alert readings cross, e.g. 'high-temperature'",
+                    ));
+                }
+                Some(VerifyAlertsConfig {
                     database_url,
+                    rule: args.alert_rule,
                     timeout: args.verify_timeout,
                 })
             }
@@ -492,6 +540,7 @@ impl Config {
             seq_start: args.seq_start,
             drain_timeout: args.drain_timeout,
             verify,
+            verify_alerts,
             json: args.json,
         })
     }
@@ -635,20 +684,44 @@ mod tests {
     }
 
     #[test]
-    fn verify_needs_a_database_and_alerts_are_refused() {
-        let args = Args::try_parse_from(["load-tester", "--verify"]).unwrap();
-        let args = Args {
-            database_url: None,
-            ..args
-        };
-        assert_eq!(
-            Config::from_args(args).unwrap_err(),
-            ConfigError::VerifyWithoutDatabase
+    fn verify_and_verify_alerts_need_a_database() {
+        for (flag, error) in [
+            ("--verify", ConfigError::VerifyWithoutDatabase),
+            ("--verify-alerts", ConfigError::VerifyAlertsWithoutDatabase),
+        ] {
+            let args = Args::try_parse_from(["load-tester", flag]).unwrap();
+            let args = Args {
+                database_url: None,
+                ..args
+            };
+            assert_eq!(Config::from_args(args).unwrap_err(), error);
+        }
+    }
+
+    #[test]
+    fn verify_alerts_takes_the_rule_and_a_rate_it_can_tell_apart() {
+        let config = parse(&[
+            "--verify-alerts",
+            "--database-url",
+            "postgres://db/telemetry",
+            "--alert-fraction",
+            "0.1",
+        ])
+        .unwrap();
+        let alerts = config.verify_alerts.unwrap();
+        assert_eq!(alerts.rule, DEFAULT_ALERT_RULE);
+        assert!(
+            config.verify.is_none(),
+            "rows are checked only with --verify"
         );
-        assert_eq!(
-            parse(&["--verify-alerts"]).unwrap_err(),
-            ConfigError::AlertsNotAvailable
-        );
+        let too_fast = [
+            "--verify-alerts",
+            "--database-url",
+            "postgres://db/telemetry",
+            "--rate",
+            "1500",
+        ];
+        assert_eq!(rejected_flag(&too_fast), "--rate");
     }
 
     #[test]

@@ -11,12 +11,14 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::alerts::AlertVerification;
 use crate::config::{Config, Qos};
 use crate::fleet::{FleetOutcome, LATE_AFTER};
 use crate::stats::{Counters, Outcome, Percentiles};
 use crate::verify::Verification;
 
-/// Exit code when verification found lost, duplicated or unexpected rows.
+/// Exit code when verification found lost, duplicated or unexpected rows, or alerts that are
+/// missing, duplicated, unexpected, unpublished or not received once.
 pub const EXIT_VERIFY_FAILED: u8 = 3;
 /// Exit code when messages were not sent or not acknowledged, or a connection failed.
 pub const EXIT_INCOMPLETE: u8 = 4;
@@ -95,6 +97,35 @@ pub struct Report {
     pub unexpected_examples: Vec<String>,
     pub verify_waited_s: Option<f64>,
     pub verify_timed_out: Option<bool>,
+    /// Share of readings above the alert threshold, as asked.
+    pub alert_fraction: f64,
+    /// Whether --verify-alerts ran; the alert figures below are `null` unless it did.
+    pub alerts_verified: bool,
+    pub alert_rule: Option<String>,
+    /// From the due time of the reading that raised or cleared an alert to the alert's first
+    /// arrival at the subscriber.
+    pub alert_ms: Option<Percentiles>,
+    /// Alert events the readings must cause.
+    pub alerts_expected: Option<u64>,
+    /// Rows of the run's users in `alerts`, for the rule.
+    pub alerts_stored: Option<u64>,
+    pub alerts_missing: Option<u64>,
+    pub alerts_duplicated: Option<u64>,
+    pub alerts_unexpected: Option<u64>,
+    pub alerts_unpublished: Option<u64>,
+    pub alerts_received: Option<u64>,
+    pub alerts_not_received: Option<u64>,
+    pub alerts_received_twice: Option<u64>,
+    pub alerts_misdelivered: Option<u64>,
+    /// Devices left out of the alert check: some of their readings were never acknowledged.
+    pub alerts_unchecked_devices: Option<u64>,
+    pub alerts_missing_examples: Vec<String>,
+    pub alerts_duplicated_examples: Vec<String>,
+    pub alerts_unexpected_examples: Vec<String>,
+    pub alerts_not_received_examples: Vec<String>,
+    pub alerts_misdelivered_examples: Vec<String>,
+    pub alerts_waited_s: Option<f64>,
+    pub alerts_timed_out: Option<bool>,
     pub interrupted: bool,
     /// Everything planned was sent and confirmed, no connection failed, and (if verified)
     /// every message is stored exactly once.
@@ -106,6 +137,7 @@ impl Report {
         config: &Config,
         fleet: &FleetOutcome,
         verification: Option<&Verification>,
+        alerts: Option<&AlertVerification>,
     ) -> Report {
         let confirmed: u64 = fleet
             .ledgers
@@ -162,6 +194,28 @@ impl Report {
             unexpected_examples: Vec::new(),
             verify_waited_s: None,
             verify_timed_out: None,
+            alert_fraction: config.alert_fraction,
+            alerts_verified: alerts.is_some(),
+            alert_rule: None,
+            alert_ms: None,
+            alerts_expected: None,
+            alerts_stored: None,
+            alerts_missing: None,
+            alerts_duplicated: None,
+            alerts_unexpected: None,
+            alerts_unpublished: None,
+            alerts_received: None,
+            alerts_not_received: None,
+            alerts_received_twice: None,
+            alerts_misdelivered: None,
+            alerts_unchecked_devices: None,
+            alerts_missing_examples: Vec::new(),
+            alerts_duplicated_examples: Vec::new(),
+            alerts_unexpected_examples: Vec::new(),
+            alerts_not_received_examples: Vec::new(),
+            alerts_misdelivered_examples: Vec::new(),
+            alerts_waited_s: None,
+            alerts_timed_out: None,
             interrupted: fleet.interrupted,
             passed: false,
         };
@@ -181,12 +235,47 @@ impl Report {
             report.verify_waited_s = Some(v.waited.as_secs_f64());
             report.verify_timed_out = Some(v.timed_out);
         }
+        if let Some(a) = alerts {
+            report.alert_rule = config.verify_alerts.as_ref().map(|c| c.rule.clone());
+            report.alert_ms = a.latency.summary();
+            report.alerts_expected = Some(a.expected);
+            report.alerts_stored = Some(a.stored);
+            report.alerts_missing = Some(a.missing);
+            report.alerts_duplicated = Some(a.duplicated);
+            report.alerts_unexpected = Some(a.unexpected);
+            report.alerts_unpublished = Some(a.unpublished);
+            report.alerts_received = Some(a.received);
+            report.alerts_not_received = Some(a.not_received);
+            report.alerts_received_twice = Some(a.received_twice);
+            report.alerts_misdelivered = Some(a.misdelivered);
+            report.alerts_unchecked_devices = Some(a.unchecked_devices);
+            report.alerts_missing_examples = a.missing_examples.clone();
+            report.alerts_duplicated_examples = a.duplicated_examples.clone();
+            report.alerts_unexpected_examples = a.unexpected_examples.clone();
+            report.alerts_not_received_examples = a.not_received_examples.clone();
+            report.alerts_misdelivered_examples = a.misdelivered_examples.clone();
+            report.alerts_waited_s = Some(a.waited.as_secs_f64());
+            report.alerts_timed_out = Some(a.timed_out);
+        }
         report.passed = report.exit_code() == 0;
         report
     }
 
     fn verification_failed(&self) -> bool {
-        self.lost.unwrap_or(0) + self.duplicated.unwrap_or(0) + self.unexpected.unwrap_or(0) > 0
+        let alerts = [
+            self.alerts_missing,
+            self.alerts_duplicated,
+            self.alerts_unexpected,
+            self.alerts_unpublished,
+            self.alerts_not_received,
+            self.alerts_received_twice,
+            self.alerts_misdelivered,
+        ];
+        self.lost.unwrap_or(0)
+            + self.duplicated.unwrap_or(0)
+            + self.unexpected.unwrap_or(0)
+            + alerts.iter().map(|n| n.unwrap_or(0)).sum::<u64>()
+            > 0
     }
 
     fn incomplete(&self) -> bool {
@@ -275,6 +364,11 @@ impl fmt::Display for Report {
         }
         if self.verified {
             row(f, "end to end", self.e2e_ms)?;
+        }
+        if self.alerts_verified {
+            row(f, "alert", self.alert_ms)?;
+        }
+        if self.verified {
             writeln!(
                 f,
                 "  verify      {} expected, {} rows stored: lost {}, duplicated {}, unexpected {} (waited {:.1} s{})",
@@ -304,9 +398,53 @@ impl fmt::Display for Report {
                 }
             }
         }
+        if self.alerts_verified {
+            let n = |x: Option<u64>| x.unwrap_or(0);
+            writeln!(
+                f,
+                "  alerts      {} expected ('{}'), {} stored: missing {}, duplicated {}, unexpected {}, unpublished {} (waited {:.1} s{})",
+                n(self.alerts_expected),
+                self.alert_rule.as_deref().unwrap_or(""),
+                n(self.alerts_stored),
+                n(self.alerts_missing),
+                n(self.alerts_duplicated),
+                n(self.alerts_unexpected),
+                n(self.alerts_unpublished),
+                self.alerts_waited_s.unwrap_or(0.0),
+                if self.alerts_timed_out == Some(true) { ", timed out" } else { "" },
+            )?;
+            writeln!(
+                f,
+                "              received {}: not received {}, received twice {}, misdelivered {}",
+                n(self.alerts_received),
+                n(self.alerts_not_received),
+                n(self.alerts_received_twice),
+                n(self.alerts_misdelivered),
+            )?;
+            if n(self.alerts_unchecked_devices) > 0 {
+                writeln!(
+                    f,
+                    "              {} devices left out: some of their readings were never acknowledged",
+                    n(self.alerts_unchecked_devices)
+                )?;
+            }
+            for (kind, examples) in [
+                ("missing", &self.alerts_missing_examples),
+                ("duplicated", &self.alerts_duplicated_examples),
+                ("unexpected", &self.alerts_unexpected_examples),
+                ("not received", &self.alerts_not_received_examples),
+                ("misdelivered", &self.alerts_misdelivered_examples),
+            ] {
+                if !examples.is_empty() {
+                    writeln!(f, "  alert {kind:<13} e.g. {}", examples.join(", "))?;
+                }
+            }
+        }
         let verdict = match self.exit_code() {
             0 => "PASS",
-            EXIT_VERIFY_FAILED => "FAIL: the pipeline lost, duplicated or invented messages",
+            EXIT_VERIFY_FAILED => {
+                "FAIL: the pipeline lost, duplicated or invented messages or alerts"
+            }
             EXIT_INTERRUPTED => "INTERRUPTED: the timetable was cut short",
             _ => "INCOMPLETE: not every message was sent and acknowledged",
         };

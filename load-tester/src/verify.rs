@@ -70,6 +70,26 @@ pub enum VerifyError {
         seq_end: i64,
         run_id: String,
     },
+    #[error(
+        "table alerts does not exist in this database: the worker creates it at start-up (its \
+         migrations include the alerts schema); start the worker with alert rules \
+         (alerts.rules.path) or point --database-url at the worker's database"
+    )]
+    MissingAlertsTable,
+    #[error("could not query the alerts table")]
+    QueryAlerts(#[source] tokio_postgres::Error),
+    #[error(
+        "the alerts table already holds {alerts} '{rule}' alerts for users '{first_user}'..\
+         '{last_user}', which this run's alerts could not be told apart from; pass a fresh \
+         --user-prefix (e.g. '--user-prefix {run_id}-user-')"
+    )]
+    AlertsScopeNotEmpty {
+        alerts: i64,
+        rule: String,
+        first_user: String,
+        last_user: String,
+        run_id: String,
+    },
 }
 
 /// What the run sent, and so what the database should hold.
@@ -169,7 +189,7 @@ impl Verification {
     }
 }
 
-async fn connect(database_url: &str) -> Result<Client, VerifyError> {
+pub(crate) async fn connect(database_url: &str) -> Result<Client, VerifyError> {
     let (client, connection) = tokio_postgres::connect(database_url, NoTls)
         .await
         .map_err(VerifyError::Connect)?;

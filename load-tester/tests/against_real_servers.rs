@@ -384,7 +384,17 @@ fn bad_arguments_are_refused_with_the_flag_named() {
         (&["--qos", "2"], "--qos"),
         (&["--duration", "soon"], "--duration"),
         (&["--verify"], "--database-url"),
-        (&["--verify-alerts"], "not available yet"),
+        (&["--verify-alerts"], "--database-url"),
+        (
+            &[
+                "--verify-alerts",
+                "--database-url",
+                "postgres://db/x",
+                "--rate",
+                "2000",
+            ],
+            "'--rate'",
+        ),
     ] {
         let output = load_tester(flags);
         let stderr = String::from_utf8_lossy(&output.stderr);

@@ -58,7 +58,7 @@ struct Cli {
 enum Command {
     /// Bridge until SIGTERM or SIGINT (the default).
     Run,
-    /// Print the effective configuration as TOML (password hidden) and exit.
+    /// Print the effective configuration as TOML (secrets shown as ***) and exit.
     PrintConfig,
 }
 
@@ -102,13 +102,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             telemetry_bridge::run(config, shutdown).await?;
         }
         Command::PrintConfig => {
-            let mut shown = config.clone();
-            if shown.mqtt.password.is_some() {
-                shown.mqtt.password = Some("***".into());
-            }
+            // Secrets serialize as "***" (see telemetry_core::config::Secret and
+            // KafkaConfig::properties), so the printed config is safe to share.
             print!(
                 "{}",
-                toml::to_string_pretty(&shown).context("cannot print the config")?
+                toml::to_string_pretty(&config).context("cannot print the config")?
             );
         }
     }

@@ -88,6 +88,92 @@ pub fn flag<V: Serialize>(value: Option<V>) -> Option<figment::value::Value> {
     value.and_then(|v| figment::value::Value::serialize(v).ok())
 }
 
+/// A password, passphrase or token from the configuration.
+///
+/// It shows as `***` wherever it could be printed (`Debug`, `Display` and `Serialize`, so
+/// `print-config` and log lines too); [`Secret::expose`] is the only way to read it, at the one
+/// place that hands it to a client library.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the client library that needs it. Never log the result.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What every printed form of a secret shows.
+pub const REDACTED: &str = "***";
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(REDACTED)
+    }
+}
+
+/// Reads a secret kept in a file (a Kubernetes or Docker secret, a file only the service user
+/// may read). One trailing newline is dropped, as `echo` and most editors add one. Errors name
+/// the setting and the path, never the content.
+pub fn read_secret_file(field: &'static str, path: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        ConfigError::invalid(
+            field,
+            format!(
+                "cannot read the secret file {}: {error}; check the path and that this user may read it",
+                path.display()
+            ),
+        )
+    })?;
+    let value = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text);
+    if value.is_empty() {
+        return Err(ConfigError::invalid(
+            field,
+            format!("the secret file {} is empty", path.display()),
+        ));
+    }
+    Ok(Secret::new(value))
+}
+
+/// The secret given either inline (`inline_field`, best from the environment) or in a file
+/// (`file_field`); both at once is a mistake worth stopping for, since one would silently win.
+pub fn resolve_secret(
+    inline_field: &'static str,
+    inline: Option<&Secret>,
+    file_field: &'static str,
+    file: Option<&Path>,
+) -> Result<Option<Secret>, ConfigError> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(ConfigError::invalid(
+            file_field,
+            format!("set either `{inline_field}` or `{file_field}`, not both"),
+        )),
+        (Some(secret), None) => Ok(Some(secret.clone())),
+        (None, Some(path)) => read_secret_file(file_field, path).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
 /// Hides the password in a `scheme://user:password@host/...` URL before it is printed.
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
@@ -252,6 +338,55 @@ mod tests {
         );
         assert_eq!(redact_url("postgres://me@db/x"), "postgres://me@db/x");
         assert_eq!(redact_url("db:5432"), "db:5432");
+    }
+
+    #[test]
+    fn a_secret_never_prints_and_a_secret_file_loses_its_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("password");
+        std::fs::write(&path, "hunter2\n").unwrap();
+        let secret = read_secret_file("mqtt.password_file", &path).unwrap();
+        assert_eq!(secret.expose(), "hunter2");
+        assert_eq!(format!("{secret:?} {secret}"), "*** ***");
+        #[derive(Serialize)]
+        struct Shown {
+            password: Secret,
+        }
+        let shown = serde_json::to_string(&Shown { password: secret }).unwrap();
+        assert_eq!(shown, r#"{"password":"***"}"#);
+    }
+
+    #[test]
+    fn a_secret_given_twice_or_in_a_missing_file_names_the_setting() {
+        let inline = Secret::new("x");
+        let both = resolve_secret(
+            "a.password",
+            Some(&inline),
+            "a.password_file",
+            Some(Path::new("/p")),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            both.contains("a.password_file") && both.contains("not both"),
+            "{both}"
+        );
+        let missing = resolve_secret(
+            "a.password",
+            None,
+            "a.password_file",
+            Some(Path::new("/nonexistent/p")),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            missing.contains("/nonexistent/p") && missing.contains("a.password_file"),
+            "{missing}"
+        );
+        assert_eq!(
+            resolve_secret("a.password", None, "a.password_file", None).unwrap(),
+            None
+        );
     }
 
     #[test]

@@ -1,11 +1,18 @@
 //! Kafka client settings shared by every stage that talks to the broker.
 
+//!
+//! SASL and TLS go through librdkafka's own properties (`security.protocol`, `sasl.mechanism`,
+//! `sasl.username`, `ssl.ca.location`, ...). Secrets among them are best kept in files
+//! (`secret_files`): they are read at start-up, and neither they nor secret-looking inline
+//! `properties` are ever printed.
+
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use rdkafka::ClientConfig;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 
-use crate::config::ConfigError;
+use crate::config::{read_secret_file, ConfigError, REDACTED};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -18,7 +25,44 @@ pub struct KafkaConfig {
     pub dlq_topic: String,
     /// Extra librdkafka properties (e.g. `security.protocol`, `sasl.mechanism`), applied last.
     /// See <https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md>.
+    /// Values of secret-looking properties (`sasl.password`, `ssl.key.password`, ...) print as
+    /// `***`; prefer `secret_files` for them.
+    #[serde(serialize_with = "serialize_redacted")]
     pub properties: BTreeMap<String, String>,
+    /// librdkafka properties whose values are read from files at start-up, e.g.
+    /// `"sasl.password" = "/run/secrets/kafka-password"`: secrets stay out of the config file,
+    /// the environment and the output of `print-config`.
+    pub secret_files: BTreeMap<String, PathBuf>,
+}
+
+/// Whether a librdkafka property holds a secret (passwords, private keys, JAAS and OAuth
+/// settings), judged by its name so that properties added by later librdkafka versions are
+/// covered too.
+pub fn is_secret_property(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "jaas",
+        "oauthbearer.config",
+        "key.pem",
+    ]
+    .iter()
+    .any(|part| name.contains(part))
+}
+
+fn serialize_redacted<S: Serializer>(
+    properties: &BTreeMap<String, String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(properties.iter().map(|(name, value)| {
+        let shown = if is_secret_property(name) {
+            REDACTED
+        } else {
+            value.as_str()
+        };
+        (name, shown)
+    }))
 }
 
 impl Default for KafkaConfig {
@@ -28,6 +72,7 @@ impl Default for KafkaConfig {
             topic: crate::contract::DEFAULT_TOPIC.into(),
             dlq_topic: crate::contract::DEFAULT_DLQ_TOPIC.into(),
             properties: BTreeMap::new(),
+            secret_files: BTreeMap::new(),
         }
     }
 }
@@ -49,6 +94,16 @@ impl KafkaConfig {
                 format!("must be set and differ from kafka.topic ('{}')", self.topic),
             ));
         }
+        for (name, path) in &self.secret_files {
+            if self.properties.contains_key(name) {
+                return Err(ConfigError::invalid(
+                    "kafka.secret_files",
+                    format!("'{name}' is also set in kafka.properties; keep one of the two"),
+                ));
+            }
+            // Read now so that a wrong path stops start-up instead of failing authentication.
+            read_secret_file("kafka.secret_files", path)?;
+        }
         Ok(())
     }
 
@@ -64,6 +119,16 @@ impl KafkaConfig {
         for (key, value) in &self.properties {
             config.set(key, value);
         }
+        for (key, path) in &self.secret_files {
+            match read_secret_file("kafka.secret_files", path) {
+                Ok(secret) => {
+                    config.set(key, secret.expose());
+                }
+                // `validate` read it at start-up, so the file went away since; the broker will
+                // refuse the connection, and this says why.
+                Err(error) => tracing::error!(property = %key, %error, "secret file unreadable"),
+            }
+        }
         config
     }
 
@@ -78,5 +143,51 @@ impl KafkaConfig {
             ("message.timeout.ms", "0"),
             ("linger.ms", "5"),
         ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_properties_print_as_stars_and_secret_files_reach_librdkafka() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kafka-password");
+        std::fs::write(&path, "s3cr3t-from-file\n").unwrap();
+        let mut config = KafkaConfig::default();
+        config
+            .properties
+            .insert("sasl.username".into(), "bridge".into());
+        config
+            .properties
+            .insert("ssl.key.password".into(), "inline-s3cr3t".into());
+        config
+            .secret_files
+            .insert("sasl.password".into(), path.clone());
+        config.validate().unwrap();
+        let printed = serde_json::to_string(&config).unwrap();
+        assert!(!printed.contains("s3cr3t"), "{printed}");
+        assert!(
+            printed.contains("\"sasl.username\":\"bridge\""),
+            "{printed}"
+        );
+        assert!(printed.contains(&path.display().to_string()), "{printed}");
+        let client = config.client_config(&[]);
+        assert_eq!(client.get("sasl.password"), Some("s3cr3t-from-file"));
+        assert_eq!(client.get("ssl.key.password"), Some("inline-s3cr3t"));
+    }
+
+    #[test]
+    fn a_missing_secret_file_stops_start_up_with_its_path() {
+        let mut config = KafkaConfig::default();
+        config
+            .secret_files
+            .insert("sasl.password".into(), "/nonexistent/kafka".into());
+        let error = config.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("kafka.secret_files") && error.contains("/nonexistent/kafka"),
+            "{error}"
+        );
     }
 }

@@ -71,7 +71,13 @@ const RECORDS_BUCKETS: &[f64] = &[
     1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 750.0, 1000.0, 2000.0, 5000.0,
 ];
 
-/// Installs the process-wide Prometheus recorder once and returns its handle.
+/// How often recorded histogram samples are folded into their buckets. The recorder keeps raw
+/// samples until then, so without upkeep a histogram recorded per message grows without bound
+/// between scrapes.
+const METRICS_UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Installs the process-wide Prometheus recorder once and returns its handle. The first call
+/// also starts a small thread that runs the recorder's upkeep every few seconds.
 pub fn metrics_handle() -> Result<PrometheusHandle, ObserveError> {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     if let Some(handle) = HANDLE.get() {
@@ -88,7 +94,21 @@ pub fn metrics_handle() -> Result<PrometheusHandle, ObserveError> {
                 .cloned()
                 .ok_or_else(|| ObserveError::Recorder(e.to_string()))
         })?;
-    Ok(HANDLE.get_or_init(|| handle).clone())
+    Ok(HANDLE
+        .get_or_init(|| {
+            let upkeep = handle.clone();
+            let started = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(METRICS_UPKEEP_INTERVAL);
+                    upkeep.run_upkeep();
+                });
+            if let Err(error) = started {
+                tracing::warn!(%error, "cannot start the metrics upkeep thread; histograms are folded only when scraped");
+            }
+            handle
+        })
+        .clone())
 }
 
 /// Named readiness checks. The process is ready when every registered check passes.

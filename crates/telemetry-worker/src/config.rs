@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use telemetry_alerts::AlertsConfig;
 use telemetry_core::config::{redact_url, ConfigError, Validate};
 use telemetry_core::contract::DEFAULT_MAX_PAYLOAD_BYTES;
 use telemetry_core::kafka::KafkaConfig;
@@ -23,6 +24,8 @@ pub struct WorkerConfig {
     pub migrate_on_start: bool,
     pub http: HttpConfig,
     pub log_format: LogFormat,
+    /// Threshold alerts: evaluated when `alerts.rules.path` names a rules file.
+    pub alerts: AlertsConfig,
 }
 
 impl Default for WorkerConfig {
@@ -38,6 +41,7 @@ impl Default for WorkerConfig {
                 listen: "0.0.0.0:9101".parse().expect("valid address"),
             },
             log_format: LogFormat::Text,
+            alerts: AlertsConfig::default(),
         }
     }
 }
@@ -51,6 +55,10 @@ pub struct PostgresConfig {
     /// Connections kept by this replica. One writer uses one at a time; the rest serve retries
     /// and migrations.
     pub pool_size: usize,
+    /// How long one batch's transaction may take before it is abandoned and retried on a new
+    /// connection. PgBouncer holds queries while PostgreSQL is down instead of failing them,
+    /// so without this bound an outage would look like a slow write, not an outage.
+    pub write_timeout_ms: u64,
 }
 
 impl Default for PostgresConfig {
@@ -58,6 +66,7 @@ impl Default for PostgresConfig {
         Self {
             url: "postgres://postgres@127.0.0.1:6432/telemetry".into(),
             pool_size: 4,
+            write_timeout_ms: 15_000,
         }
     }
 }
@@ -77,6 +86,12 @@ impl Default for BatchConfig {
             max_records: 1000,
             max_wait_ms: 100,
         }
+    }
+}
+
+impl PostgresConfig {
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
     }
 }
 
@@ -110,6 +125,12 @@ impl Validate for WorkerConfig {
                 "must be at least 1",
             ));
         }
+        if !(100..=600_000).contains(&self.postgres.write_timeout_ms) {
+            return Err(ConfigError::invalid(
+                "postgres.write_timeout_ms",
+                "must be between 100 and 600000",
+            ));
+        }
         if !(1..=100_000).contains(&self.batch.max_records) {
             return Err(ConfigError::invalid(
                 "batch.max_records",
@@ -122,6 +143,7 @@ impl Validate for WorkerConfig {
                 "must be between 1 and 60000",
             ));
         }
+        self.alerts.validate()?;
         if self.max_payload_bytes == 0 {
             return Err(ConfigError::invalid(
                 "max_payload_bytes",

@@ -1,31 +1,53 @@
-//! The consumer loop: take a batch from Kafka, store it, then commit its offsets to Kafka.
+//! The consumer loop: read batches from Kafka, store them, then commit their offsets to Kafka.
 //!
 //! Kafka's committed offsets are only a hint here (they let lag tools work and keep restarts
 //! short); what is stored is decided by `ingest_offsets` in the same transaction as the rows
-//! (see [`crate::sink`]). Auto-commit and the offset store are off, so Kafka never records an
+//! (see [`crate::sink`]), and an assigned partition starts where that table says (see
+//! [`WorkerContext`]). Auto-commit and the offset store are off, so Kafka never records an
 //! offset whose rows are not durable.
 //!
-//! Backpressure: the loop asks for the next batch only after the current one is stored, and
-//! librdkafka's prefetch queue is capped, so a slow or absent database slows consumption down
-//! instead of filling memory.
+//! Backpressure: at most one batch waits while another is written, and librdkafka's prefetch
+//! queue is capped, so a slow or absent database slows consumption down instead of filling
+//! memory. `StreamConsumer::recv` hands out messages straight from librdkafka's queue (no
+//! channel per message), and each is decoded and released at once.
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use telemetry_core::kafka::KafkaConfig;
 use telemetry_core::Shutdown;
+use tokio::sync::mpsc;
 
 use crate::config::{BatchConfig, WorkerConfig};
 use crate::metrics;
 use crate::record::Batch;
-use crate::sink::{Sink, SinkError};
+use crate::sink::{stored_position, Sink, SinkError, StoredPosition};
 
 /// librdkafka's prefetch buffer per replica. Its default (64 MiB) is far more than two batches
 /// need; this bounds memory while the database is down.
 const PREFETCH_KBYTES: &str = "16384";
 
-pub fn create_consumer(config: &WorkerConfig) -> Result<StreamConsumer, KafkaError> {
-    consumer_config(&config.kafka, &config.group_id).create()
+/// How often librdkafka reports statistics, which carry each partition's consumer lag.
+const STATISTICS_INTERVAL_MS: &str = "5000";
+
+/// How long an assignment may wait for the database to say where each partition starts.
+const POSITION_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub type WorkerConsumer = StreamConsumer<WorkerContext>;
+
+pub fn create_consumer(config: &WorkerConfig) -> Result<WorkerConsumer, KafkaError> {
+    let context = WorkerContext {
+        topic: config.kafka.topic.clone(),
+        database_url: config.postgres.url.clone(),
+    };
+    consumer_config(&config.kafka, &config.group_id).create_with_context(context)
 }
 
 fn consumer_config(kafka: &KafkaConfig, group_id: &str) -> rdkafka::ClientConfig {
@@ -47,34 +69,240 @@ fn consumer_config(kafka: &KafkaConfig, group_id: &str) -> rdkafka::ClientConfig
         // The worker reads non-transactional records only; read_committed also fails on some
         // Kafka-compatible brokers.
         ("isolation.level", "read_uncommitted"),
+        ("statistics.interval.ms", STATISTICS_INTERVAL_MS),
     ])
 }
 
-/// Consumes until shutdown; returns after the batch in flight is stored and committed.
+/// The consumer's callbacks: where an assigned partition starts, and lag from statistics.
+///
+/// On assignment each partition starts at the lowest of its Kafka committed offset and what
+/// `ingest_offsets` says (its next offset, or the start of a replay window). The database is
+/// the record of what is stored, so this never skips a record that is not stored, even when
+/// Kafka's commit is ahead of it (a database restored from a backup); an offset reset with
+/// standard Kafka tools to an earlier point is honoured and the records it re-reads are
+/// skipped by the sink.
+#[derive(Debug)]
+pub struct WorkerContext {
+    topic: String,
+    database_url: String,
+}
+
+impl ClientContext for WorkerContext {
+    fn stats(&self, statistics: Statistics) {
+        for topic in statistics.topics.values().filter(|t| t.topic == self.topic) {
+            for partition in topic.partitions.values() {
+                if partition.partition < 0 || partition.fetch_state != "active" {
+                    continue;
+                }
+                let lag = if partition.consumer_lag >= 0 {
+                    partition.consumer_lag
+                } else if partition.hi_offset >= 0 && partition.app_offset >= 0 {
+                    (partition.hi_offset - partition.app_offset).max(0)
+                } else {
+                    continue;
+                };
+                metrics::consumer_lag(partition.partition, lag);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(assigned) => {
+                metrics::rebalance("assign");
+                self.start_at_stored_positions(consumer, assigned);
+            }
+            Rebalance::Revoke(revoked) => {
+                metrics::rebalance("revoke");
+                let partitions: Vec<i32> =
+                    revoked.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(?partitions, "partitions revoked");
+                // Another replica reports them now; a stale value here would be counted twice.
+                for partition in partitions {
+                    metrics::consumer_lag(partition, 0);
+                }
+            }
+            Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
+        }
+    }
+}
+
+impl WorkerContext {
+    fn start_at_stored_positions(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        assigned: &TopicPartitionList,
+    ) {
+        let partitions: Vec<i32> = assigned
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        if partitions.is_empty() {
+            return;
+        }
+        let stored = match read_stored_positions(&self.database_url, &self.topic, &partitions) {
+            Ok(stored) => stored,
+            Err(error) => {
+                // Kafka's commits trail the database's (they are made after each commit), so
+                // starting from them re-reads at most what the sink then skips.
+                tracing::warn!(%error, ?partitions,
+                    "cannot read stored offsets; starting from Kafka's committed offsets");
+                return;
+            }
+        };
+        let committed = consumer
+            .committed_offsets(assigned.clone(), POSITION_LOOKUP_TIMEOUT)
+            .map_err(|error| tracing::warn!(%error, "cannot read Kafka's committed offsets"))
+            .ok();
+        for mut element in assigned.elements_for_topic(&self.topic) {
+            let partition = element.partition();
+            let Some(position) = stored.get(&partition) else {
+                continue; // never stored: Kafka's committed offset, or the earliest record
+            };
+            let committed = committed
+                .as_ref()
+                .and_then(|c| c.find_partition(&self.topic, partition))
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(offset) => Some(offset),
+                    _ => None,
+                });
+            let start = start_offset(position, committed);
+            tracing::info!(partition, start, ?committed, stored = ?position, "partition assigned");
+            if let Err(error) = element.set_offset(Offset::Offset(start)) {
+                tracing::warn!(%error, partition, "cannot set the start offset");
+            }
+        }
+    }
+}
+
+/// The lowest of Kafka's committed offset and the database's resume point.
+fn start_offset(stored: &StoredPosition, committed: Option<i64>) -> i64 {
+    let resume = stored.resume_offset();
+    committed.map_or(resume, |committed| committed.min(resume))
+}
+
+/// Reads `ingest_offsets` on a connection of its own. librdkafka calls the rebalance callback
+/// from inside the consumer's poll, on a runtime thread that must not wait on the runtime's own
+/// tasks, so the query runs on a short-lived thread with a runtime of its own. Rebalances are
+/// rare; the cost of a connection is nothing next to them.
+fn read_stored_positions(
+    database_url: &str,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<BTreeMap<i32, StoredPosition>, String> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("cannot start a runtime: {e}"))?;
+                runtime.block_on(async {
+                    tokio::time::timeout(
+                        POSITION_LOOKUP_TIMEOUT,
+                        query_stored_positions(database_url, topic, partitions),
+                    )
+                    .await
+                    .map_err(|_| "timed out".to_owned())?
+                    .map_err(|e| e.to_string())
+                })
+            })
+            .join()
+            .map_err(|_| "the lookup thread panicked".to_owned())?
+    })
+}
+
+async fn query_stored_positions(
+    database_url: &str,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<BTreeMap<i32, StoredPosition>, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls).await?;
+    let connection = tokio::spawn(connection);
+    let rows = client
+        .query_typed(
+            "SELECT kafka_partition, next_offset, replay_from, replay_to FROM ingest_offsets
+             WHERE topic = $1 AND kafka_partition = ANY($2)",
+            &[
+                (&topic, tokio_postgres::types::Type::TEXT),
+                (&partitions, tokio_postgres::types::Type::INT4_ARRAY),
+            ],
+        )
+        .await;
+    drop(client);
+    let _ = connection.await;
+    match rows {
+        Ok(rows) => Ok(rows.iter().map(stored_position).collect()),
+        // Not migrated yet: nothing is stored.
+        Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            Ok(BTreeMap::new())
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Consumes until shutdown; returns after the batches in flight are stored and committed.
+///
+/// Two halves run at once: a reader takes the next batch from Kafka and decodes it while a
+/// writer stores the previous one. A channel of one batch between them keeps both busy and
+/// memory bounded (one batch being written, one ready, librdkafka's capped prefetch).
+/// Per-partition order holds: batches are written in the order they were read.
 pub async fn consume(
-    consumer: &StreamConsumer,
+    consumer: Arc<WorkerConsumer>,
     sink: &Sink,
     config: &WorkerConfig,
     shutdown: &Shutdown,
 ) -> Result<(), SinkError> {
-    loop {
-        let batch = next_batch(consumer, &config.batch, config.max_payload_bytes, shutdown).await;
-        if batch.is_empty() {
-            if shutdown.is_triggered() {
-                return Ok(());
-            }
-            continue;
-        }
-        metrics::consumed(batch.len());
+    let (ready, mut batches) = mpsc::channel::<Batch>(1);
+    let reader = tokio::spawn(read_batches(
+        consumer.clone(),
+        config.batch.clone(),
+        config.max_payload_bytes,
+        shutdown.clone(),
+        ready,
+    ));
+    let mut outcome = Ok(());
+    while let Some(batch) = batches.recv().await {
         match sink.store(&batch, shutdown).await {
             Ok(stored) => tracing::debug!(records = batch.len(), ?stored, "batch stored"),
             // Nothing was stored or committed; the records come again after restart.
-            Err(SinkError::Shutdown) => return Ok(()),
-            Err(error) => return Err(error),
+            Err(SinkError::Shutdown) => break,
+            Err(error) => {
+                outcome = Err(error);
+                break;
+            }
         }
-        commit_to_kafka(consumer, &config.kafka.topic, &batch);
+        commit_to_kafka(&consumer, &config.kafka.topic, &batch);
+    }
+    // Dropping the receiver stops a reader that is waiting to hand over a batch.
+    drop(batches);
+    if outcome.is_err() {
+        shutdown.trigger();
+    }
+    let _ = reader.await;
+    outcome
+}
+
+async fn read_batches(
+    consumer: Arc<WorkerConsumer>,
+    limits: BatchConfig,
+    max_payload_bytes: usize,
+    shutdown: Shutdown,
+    ready: mpsc::Sender<Batch>,
+) {
+    loop {
+        let batch = next_batch(&consumer, &limits, max_payload_bytes, &shutdown).await;
+        if !batch.is_empty() {
+            metrics::consumed(batch.len());
+            if ready.send(batch).await.is_err() {
+                return;
+            }
+        }
         if shutdown.is_triggered() {
-            return Ok(());
+            return;
         }
     }
 }
@@ -82,7 +310,7 @@ pub async fn consume(
 /// Collects up to `max_records`, or whatever arrived within `max_wait` of the first record.
 /// Waits for the first record until shutdown.
 async fn next_batch(
-    consumer: &StreamConsumer,
+    consumer: &WorkerConsumer,
     limits: &BatchConfig,
     max_payload_bytes: usize,
     shutdown: &Shutdown,
@@ -119,7 +347,7 @@ fn log_consumer_error(error: &KafkaError) {
 
 /// Tells Kafka what is stored, so lag tools and restarts see it. Best effort: if it fails (e.g.
 /// the partition moved to another replica), the next owner skips the records already stored.
-fn commit_to_kafka(consumer: &StreamConsumer, topic: &str, batch: &Batch) {
+fn commit_to_kafka(consumer: &WorkerConsumer, topic: &str, batch: &Batch) {
     let mut offsets = TopicPartitionList::new();
     for (&partition, &next) in &batch.next_offsets {
         if let Err(error) = offsets.add_partition_offset(topic, partition, Offset::Offset(next)) {

@@ -8,6 +8,7 @@
 //! - [`sink`]: the exactly-once writer (the guarantee is described there).
 //! - [`copy`]: binary COPY encoding.
 //! - [`dlq`]: the dead-letter producer.
+//! - [`replay`]: `telemetry-worker replay`, reading history again without duplicates.
 //! - [`metrics`]: every metric's name.
 
 pub mod config;
@@ -16,6 +17,7 @@ pub mod dlq;
 pub mod ingest;
 pub mod metrics;
 pub mod record;
+pub mod replay;
 pub mod schema;
 pub mod sink;
 
@@ -41,6 +43,8 @@ pub enum WorkerError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
     Sink(#[from] sink::SinkError),
+    #[error(transparent)]
+    Alerts(#[from] telemetry_alerts::AlertError),
 }
 
 /// Runs the worker until shutdown: migrations (unless disabled), health server, consumer loop.
@@ -53,14 +57,70 @@ pub async fn run(config: WorkerConfig, shutdown: Shutdown) -> Result<(), WorkerE
         return Ok(());
     }
     health.set("postgres", true);
-    let consumer = ingest::create_consumer(&config)?;
+    let consumer = std::sync::Arc::new(ingest::create_consumer(&config)?);
     consumer.subscribe(&[&config.kafka.topic])?;
     let dead_letters = dlq::DeadLetterProducer::new(&config.kafka)?;
-    let sink = sink::Sink::new(pool, config.kafka.topic.clone(), dead_letters, health);
+    let mut sink = sink::Sink::new(
+        pool.clone(),
+        config.kafka.topic.clone(),
+        dead_letters,
+        health,
+    )
+    .write_timeout(config.postgres.write_timeout());
+    let alerts = start_alerts(&config.alerts, &pool, &shutdown)?;
+    if let Some(alerts) = &alerts {
+        sink = sink.alerts(alerts.stage.clone());
+    }
     tracing::info!(topic = %config.kafka.topic, group = %config.group_id, "worker consuming");
-    ingest::consume(&consumer, &sink, &config, &shutdown).await?;
+    let consumed = ingest::consume(consumer, &sink, &config, &shutdown).await;
+    // The publisher sends what the last batches committed before it stops.
+    shutdown.trigger();
+    if let Some(alerts) = alerts {
+        for task in alerts.tasks {
+            let _ = task.await;
+        }
+    }
+    consumed?;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Starts the rules watcher and the outbox publisher when a rules file is configured. A broken
+/// rules file stops start-up with the file and field named.
+fn start_alerts(
+    config: &telemetry_alerts::AlertsConfig,
+    pool: &Pool,
+    shutdown: &Shutdown,
+) -> Result<Option<RunningAlerts>, WorkerError> {
+    let Some(path) = &config.rules.path else {
+        tracing::info!("no alert rules configured (alerts.rules.path); alerts are off");
+        return Ok(None);
+    };
+    let watcher = telemetry_alerts::RulesWatcher::start(path, config.rules.reload_interval())?;
+    tracing::info!(path = %path.display(), rules = watcher.rules().len(), "alert rules loaded");
+    let rules = watcher.subscribe();
+    let outbox = telemetry_alerts::Outbox::new(config.outbox.clone())?;
+    let stage = sink::AlertStage {
+        rules,
+        outbox: outbox.waker(),
+    };
+    let watching = tokio::spawn(watcher.run(shutdown.clone()));
+    let (pool, stop) = (pool.clone(), shutdown.clone());
+    let publishing = tokio::spawn(async move {
+        if let Err(error) = outbox.run(pool, stop).await {
+            tracing::error!(%error, "alert publisher stopped");
+        }
+    });
+    Ok(Some(RunningAlerts {
+        stage,
+        tasks: vec![watching, publishing],
+    }))
+}
+
+/// The alert tasks of a running worker: the sink's view of them, and the tasks to wait for.
+struct RunningAlerts {
+    stage: sink::AlertStage,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// A pool that issues no named statement that outlives a transaction, as PgBouncer's

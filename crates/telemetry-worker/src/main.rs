@@ -55,6 +55,18 @@ struct Cli {
     /// Log format: text or json (log_format).
     #[arg(long, global = true)]
     log_format: Option<String>,
+    /// Alert rules file; alerts are off without one (alerts.rules.path).
+    #[arg(long, global = true)]
+    alert_rules: Option<PathBuf>,
+    /// MQTT broker host that alerts are published to (alerts.outbox.mqtt.host).
+    #[arg(long, global = true)]
+    alerts_mqtt_host: Option<String>,
+    /// MQTT broker port that alerts are published to (alerts.outbox.mqtt.port).
+    #[arg(long, global = true)]
+    alerts_mqtt_port: Option<u16>,
+    /// MQTT client id of the alert publisher; unique per replica (alerts.outbox.mqtt.client_id).
+    #[arg(long, global = true)]
+    alerts_mqtt_client_id: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -65,6 +77,38 @@ enum Command {
     Migrate,
     /// Print the effective configuration as TOML and exit.
     PrintConfig,
+    /// Read history again without duplicating it (stop every worker of the group first).
+    ///
+    /// With --to-*: rows that are missing (deleted, lost in a restore) in the chosen range of
+    /// offsets are stored again; rows present are skipped. With --rebuild: the rows received
+    /// between --from and --to are deleted and ingested again from Kafka.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("start").args(["to_earliest", "to_offset", "to_timestamp", "rebuild"]).required(true)))]
+struct ReplayArgs {
+    /// Replay from the oldest record Kafka keeps.
+    #[arg(long)]
+    to_earliest: bool,
+    /// Replay from this offset (in every chosen partition).
+    #[arg(long, value_name = "OFFSET")]
+    to_offset: Option<i64>,
+    /// Replay from the first record at or after this time (RFC 3339, e.g. 2026-11-23T10:00:00Z).
+    #[arg(long, value_name = "TIME")]
+    to_timestamp: Option<chrono::DateTime<chrono::Utc>>,
+    /// Delete the rows received in [--from, --to) and ingest them again.
+    #[arg(long, requires_all = ["from", "to"])]
+    rebuild: bool,
+    /// Start of the range to rebuild (RFC 3339).
+    #[arg(long, value_name = "TIME", requires = "rebuild")]
+    from: Option<chrono::DateTime<chrono::Utc>>,
+    /// End of the range to rebuild, exclusive (RFC 3339).
+    #[arg(long, value_name = "TIME", requires = "rebuild")]
+    to: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only this partition (repeat for several); all partitions by default.
+    #[arg(long = "partition", value_name = "P")]
+    partitions: Vec<i32>,
 }
 
 fn main() -> ExitCode {
@@ -93,6 +137,19 @@ fn load_config(cli: &Cli) -> Result<WorkerConfig, config::ConfigError> {
             ("http.listen", flag(cli.http_listen.map(|a| a.to_string()))),
             ("migrate_on_start", flag(cli.no_migrate.then_some(false))),
             ("log_format", flag(cli.log_format.clone())),
+            (
+                "alerts.rules.path",
+                flag(cli.alert_rules.as_ref().map(|p| p.display().to_string())),
+            ),
+            (
+                "alerts.outbox.mqtt.host",
+                flag(cli.alerts_mqtt_host.clone()),
+            ),
+            ("alerts.outbox.mqtt.port", flag(cli.alerts_mqtt_port)),
+            (
+                "alerts.outbox.mqtt.client_id",
+                flag(cli.alerts_mqtt_client_id.clone()),
+            ),
         ],
     })
 }
@@ -113,6 +170,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let applied = telemetry_worker::schema::migrate(&mut client).await?;
             println!("applied migrations: {applied:?}");
         }
+        Command::Replay(args) => {
+            let replays = replay(&config, &args).await?;
+            println!("partition  from_offset  to_offset  rows_deleted");
+            for r in &replays {
+                println!(
+                    "{:>9}  {:>11}  {:>9}  {:>12}",
+                    r.partition, r.from, r.to, r.deleted
+                );
+            }
+            println!("start the workers: they read each partition again from from_offset");
+        }
         Command::PrintConfig => {
             print!(
                 "{}",
@@ -121,4 +189,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn replay(
+    config: &WorkerConfig,
+    args: &ReplayArgs,
+) -> anyhow::Result<Vec<telemetry_worker::replay::PartitionReplay>> {
+    use telemetry_worker::replay::{self, ReplayStart};
+    if args.rebuild {
+        let (Some(from), Some(to)) = (args.from, args.to) else {
+            anyhow::bail!("--rebuild needs --from and --to");
+        };
+        return Ok(replay::rebuild(config, from, to, &args.partitions).await?);
+    }
+    let start = match (args.to_offset, args.to_timestamp) {
+        (Some(offset), _) => ReplayStart::Offset(offset),
+        (_, Some(time)) => ReplayStart::Timestamp(time),
+        _ => ReplayStart::Earliest,
+    };
+    Ok(replay::replay(config, start, &args.partitions).await?)
 }

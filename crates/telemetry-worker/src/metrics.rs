@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+
 use telemetry_core::contract::DeadLetterReason;
 
 pub const RECORDS_CONSUMED: &str = "telemetry_worker_records_consumed_total";
@@ -12,6 +14,9 @@ pub const DEAD_LETTERS: &str = "telemetry_worker_dead_letters_total";
 pub const BATCH_SIZE: &str = "telemetry_worker_batch_records";
 pub const FLUSH_LATENCY: &str = "telemetry_worker_flush_seconds";
 pub const RETRIES: &str = "telemetry_worker_retries_total";
+pub const RECORD_AGE: &str = "telemetry_worker_record_age_seconds";
+pub const CONSUMER_LAG: &str = "telemetry_worker_consumer_lag";
+pub const REBALANCES: &str = "telemetry_worker_rebalances_total";
 
 pub fn consumed(records: usize) {
     metrics::counter!(RECORDS_CONSUMED).increment(records as u64);
@@ -30,4 +35,22 @@ pub fn dead_letter(reason: DeadLetterReason) {
 
 pub fn retry(cause: &'static str) {
     metrics::counter!(RETRIES, "cause" => cause).increment(1);
+}
+
+/// End-to-end latency: from the bridge's MQTT receive time to this batch's commit.
+pub fn record_age(received: impl Iterator<Item = DateTime<Utc>>) {
+    let now = Utc::now();
+    let histogram = metrics::histogram!(RECORD_AGE);
+    for at in received {
+        histogram.record((now - at).as_seconds_f64().max(0.0));
+    }
+}
+
+/// Records behind the partition's high watermark, as librdkafka last saw it.
+pub fn consumer_lag(partition: i32, lag: i64) {
+    metrics::gauge!(CONSUMER_LAG, "partition" => partition.to_string()).set(lag as f64);
+}
+
+pub fn rebalance(kind: &'static str) {
+    metrics::counter!(REBALANCES, "kind" => kind).increment(1);
 }

@@ -31,11 +31,28 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "raw_telemetry",
-    sql: include_str!("../migrations/0001_raw_telemetry.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "raw_telemetry",
+        sql: include_str!("../migrations/0001_raw_telemetry.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "replay_window",
+        sql: include_str!("../migrations/0002_replay_window.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "device_latest",
+        sql: include_str!("../migrations/0003_device_latest.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "alerts",
+        sql: telemetry_alerts::SCHEMA_SQL,
+    },
+];
 
 /// Advisory lock key shared by every replica; the value is arbitrary but fixed.
 const MIGRATION_LOCK: i64 = 0x7465_6c65_6d65;

@@ -6,24 +6,30 @@
 //! 1. lock the batch's partitions in `ingest_offsets` (`FOR UPDATE`, in partition order), which
 //!    also makes a replica that lost a partition in a rebalance, but still holds a batch for it,
 //!    wait for the new owner and then see what the new owner stored;
-//! 2. drop records below each partition's `next_offset`: they are already stored;
+//! 2. drop records below each partition's `next_offset`: they are already stored (inside a
+//!    replay window, see migration 0002, a record is stored again only if its row is missing);
 //! 3. COPY the rest; if PostgreSQL rejects the data, bisect under savepoints to find the rows it
 //!    rejects, and dead-letter those alone;
-//! 4. send dead letters and wait for the broker to confirm them;
+//! 4. upsert `device_latest` once per device; send dead letters and wait for the broker to
+//!    confirm them;
 //! 5. move `next_offset` past the batch, and commit.
 //!
 //! A crash anywhere before the commit leaves nothing behind, and the records are delivered
 //! again; a crash after it makes the records skipped at step 2 when they come again. Outages are
 //! retried with back-off and never turn a record into a dead letter.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use futures::SinkExt;
+use telemetry_alerts::outbox::{self, OutboxWaker};
+use telemetry_alerts::{AlertEvent, Reading, RuleSet};
 use telemetry_core::backoff::Backoff;
-use telemetry_core::contract::DeadLetterReason;
+use telemetry_core::contract::{DeadLetterReason, DeviceId};
 use telemetry_core::observe::Health;
 use telemetry_core::Shutdown;
 use tokio_postgres::types::Type;
@@ -44,6 +50,10 @@ pub enum SinkError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error("the batch's transaction took longer than {0:?} (postgres.write_timeout_ms); abandoned it and its connection")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Alerts(#[from] telemetry_alerts::AlertError),
     #[error("cannot deliver dead letters to Kafka: {0}")]
     DeadLetters(#[from] rdkafka::error::KafkaError),
     #[error("shutdown requested while the database was unavailable; the batch was not stored and will be consumed again")]
@@ -68,6 +78,20 @@ pub struct Sink {
     topic: String,
     dead_letters: DeadLetterProducer,
     health: Health,
+    /// Keep `device_latest` current in each batch's transaction (on by default; off only to
+    /// measure what it costs).
+    keep_device_latest: bool,
+    write_timeout: Duration,
+    /// Alert evaluation, when rules are configured.
+    alerts: Option<AlertStage>,
+}
+
+/// What the sink needs to evaluate alerts: the current rules and a way to tell the outbox
+/// publisher that new alerts are committed.
+#[derive(Debug, Clone)]
+pub struct AlertStage {
+    pub rules: tokio::sync::watch::Receiver<Arc<RuleSet>>,
+    pub outbox: OutboxWaker,
 }
 
 impl Sink {
@@ -82,7 +106,28 @@ impl Sink {
             topic,
             dead_letters,
             health,
+            keep_device_latest: true,
+            write_timeout: Duration::from_secs(15),
+            alerts: None,
         }
+    }
+
+    /// Evaluates alert rules on every newly stored row, in the batch's transaction.
+    pub fn alerts(mut self, stage: AlertStage) -> Self {
+        self.alerts = Some(stage);
+        self
+    }
+
+    /// How long one batch's transaction may take before it is abandoned and retried.
+    pub fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = timeout;
+        self
+    }
+
+    /// Whether each batch also updates `device_latest`.
+    pub fn keep_device_latest(mut self, keep: bool) -> Self {
+        self.keep_device_latest = keep;
+        self
     }
 
     /// Stores the batch, waiting out outages until it is durable or shutdown is asked for.
@@ -121,49 +166,188 @@ impl Sink {
         }
     }
 
+    /// One attempt, bounded by the write timeout. A connection whose transaction timed out is
+    /// taken out of the pool and closed, so no half-finished exchange is reused.
     async fn store_once(&self, batch: &Batch) -> Result<Stored, SinkError> {
         let mut client = self.pool.get().await?;
+        match tokio::time::timeout(self.write_timeout, self.write(&mut client, batch)).await {
+            Ok(result) => result,
+            Err(_elapsed) => {
+                drop(deadpool_postgres::Object::take(client));
+                Err(SinkError::Timeout(self.write_timeout))
+            }
+        }
+    }
+
+    async fn write(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        batch: &Batch,
+    ) -> Result<Stored, SinkError> {
         let mut tx = client
             .transaction()
             .await
             .map_err(step("beginning a transaction"))?;
-        let stored_up_to = lock_offsets(&tx, &self.topic, &batch.next_offsets).await?;
-        let is_new = |partition: i32, offset: i64| {
-            offset >= stored_up_to.get(&partition).copied().unwrap_or(0)
+        let positions = lock_offsets(&tx, &self.topic, &batch.next_offsets).await?;
+        let classify = |partition: i32, offset: i64| {
+            positions
+                .get(&partition)
+                .map_or(Disposition::Fresh, |p| p.classify(offset))
         };
-        let fresh: Vec<&Row> = batch
-            .rows
-            .iter()
-            .filter(|r| is_new(r.partition, r.offset))
-            .collect();
-        let rejected = copy_rows(&mut tx, &fresh).await?;
+        let mut fresh: Vec<&Row> = Vec::with_capacity(batch.rows.len());
+        let mut replayed: Vec<&Row> = Vec::new();
+        for row in &batch.rows {
+            match classify(row.partition, row.offset) {
+                Disposition::Fresh => fresh.push(row),
+                Disposition::Replay => replayed.push(row),
+                Disposition::Stored => {}
+            }
+        }
+        let replayed = missing_rows(&tx, replayed).await?;
+        let skipped = batch.rows.len() - fresh.len() - replayed.len();
+        // Replayed rows come first: they are older than every fresh row of their partition.
+        let to_copy: Vec<&Row> = replayed.iter().chain(fresh.iter()).copied().collect();
+        let rejected = copy_rows(&mut tx, &to_copy).await?;
+        // Dead letters of a replay window were sent when the records were first read.
         let mut dead: Vec<&DeadLetter> = batch
             .dead
             .iter()
-            .filter(|d| is_new(d.partition, d.offset))
+            .filter(|d| classify(d.partition, d.offset) == Disposition::Fresh)
             .collect();
-        let rejected: Vec<DeadLetter> = rejected
+        let rejected: Vec<(usize, DeadLetter)> = rejected
             .into_iter()
-            .map(|(i, detail)| rejected_letter(fresh[i], detail))
+            .map(|(i, detail)| (i, rejected_letter(to_copy[i], detail)))
             .collect();
-        dead.extend(rejected.iter());
+        let first_fresh = replayed.len();
+        dead.extend(
+            rejected
+                .iter()
+                .filter(|(i, _)| *i >= first_fresh)
+                .map(|(_, letter)| letter),
+        );
+        if self.keep_device_latest {
+            let rejected_rows: HashSet<usize> = rejected.iter().map(|(i, _)| *i).collect();
+            let stored = to_copy
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !rejected_rows.contains(i))
+                .map(|(_, row)| *row);
+            upsert_device_latest(&tx, stored).await?;
+        }
+        let rejected_rows: HashSet<usize> = rejected.iter().map(|(i, _)| *i).collect();
+        // Only rows stored for the first time, in offset order: a replayed or re-delivered
+        // reading must not move a device's alert state twice, nor raise an old alert again.
+        let newly_stored = to_copy
+            .iter()
+            .enumerate()
+            .skip(first_fresh)
+            .filter(|(i, _)| !rejected_rows.contains(i))
+            .map(|(_, row)| *row);
+        let alerts = match &self.alerts {
+            Some(stage) => evaluate_alerts(&tx, stage, newly_stored).await?,
+            None => Vec::new(),
+        };
         self.dead_letters.send_all(dead.iter().copied()).await?;
         advance_offsets(&tx, &self.topic, &batch.next_offsets).await?;
         tx.commit().await.map_err(step("committing the batch"))?;
+        metrics::record_age(to_copy.iter().map(|row| row.received_at));
+        if let (Some(stage), false) = (&self.alerts, alerts.is_empty()) {
+            telemetry_alerts::metrics::events_committed(&alerts);
+            stage.outbox.wake();
+        }
         Ok(Stored {
-            written: (fresh.len() - rejected.len()) as u64,
-            skipped: (batch.rows.len() - fresh.len()) as u64,
+            written: (to_copy.len() - rejected.len()) as u64,
+            skipped: skipped as u64,
             dead_lettered: dead.len() as u64,
         })
     }
 }
 
-/// Creates missing offset rows, locks the batch's partitions and returns their `next_offset`.
+/// Evaluates the rules on the rows in order, with each device's state loaded from and saved to
+/// `alert_state` in the batch's transaction, and stores the resulting alerts in the outbox
+/// table. The state therefore moves with the partition: whichever replica stores the next batch
+/// of a device reads the state the previous batch left.
+async fn evaluate_alerts<'a>(
+    tx: &Transaction<'_>,
+    stage: &AlertStage,
+    rows: impl Iterator<Item = &'a Row>,
+) -> Result<Vec<AlertEvent>, SinkError> {
+    let rows: Vec<&Row> = rows.collect();
+    let rules = stage.rules.borrow().clone();
+    if rows.is_empty() || rules.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut states = outbox::load_states(tx, rows.iter().map(|r| &r.device)).await?;
+    let mut events = Vec::new();
+    for row in &rows {
+        let Some(state) = states.get_mut(&row.device) else {
+            continue;
+        };
+        events.extend(telemetry_alerts::evaluate(
+            &rules,
+            state,
+            &Reading {
+                device: &row.device,
+                payload: &row.payload,
+                time: row.device_time.unwrap_or(row.received_at),
+                partition: row.partition,
+                offset: row.offset,
+            },
+        ));
+    }
+    outbox::insert_events(tx, &events).await?;
+    outbox::save_states(tx, states.iter().filter(|(_, s)| s.changed())).await?;
+    Ok(events)
+}
+
+/// What the database already says about one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredPosition {
+    /// Every record below this offset has been stored (or dead-lettered).
+    pub next_offset: i64,
+    /// A replay window `[from, to)`, see migration 0002.
+    pub replay: Option<(i64, i64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disposition {
+    /// Never seen: store it, dead-letter it, evaluate it.
+    Fresh,
+    /// Inside a replay window: store it again only if its row is missing.
+    Replay,
+    /// Already stored.
+    Stored,
+}
+
+impl StoredPosition {
+    fn classify(&self, offset: i64) -> Disposition {
+        if offset >= self.next_offset {
+            Disposition::Fresh
+        } else if self
+            .replay
+            .is_some_and(|(from, to)| (from..to).contains(&offset))
+        {
+            Disposition::Replay
+        } else {
+            Disposition::Stored
+        }
+    }
+
+    /// Where a consumer must start reading this partition so that nothing unstored is skipped.
+    pub fn resume_offset(&self) -> i64 {
+        match self.replay {
+            Some((from, _)) => from.min(self.next_offset),
+            None => self.next_offset,
+        }
+    }
+}
+
+/// Creates missing offset rows, locks the batch's partitions and returns what they say.
 async fn lock_offsets(
     tx: &Transaction<'_>,
     topic: &str,
     next_offsets: &BTreeMap<i32, i64>,
-) -> Result<BTreeMap<i32, i64>, SinkError> {
+) -> Result<BTreeMap<i32, StoredPosition>, SinkError> {
     // Sorted (BTreeMap) so that two replicas lock overlapping partitions in the same order.
     let partitions: Vec<i32> = next_offsets.keys().copied().collect();
     let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
@@ -178,16 +362,117 @@ async fn lock_offsets(
     .map_err(step("creating offset rows"))?;
     let rows = tx
         .query_typed(
-            "SELECT kafka_partition, next_offset FROM ingest_offsets
+            "SELECT kafka_partition, next_offset, replay_from, replay_to FROM ingest_offsets
              WHERE topic = $1 AND kafka_partition = ANY($2) ORDER BY kafka_partition FOR UPDATE",
             &params,
         )
         .await
         .map_err(step("locking partition offsets"))?;
-    Ok(rows
-        .iter()
-        .map(|row| (row.get::<_, i32>(0), row.get::<_, i64>(1)))
+    Ok(rows.iter().map(stored_position).collect())
+}
+
+/// Reads one `ingest_offsets` row selected as (partition, next_offset, replay_from, replay_to).
+pub fn stored_position(row: &tokio_postgres::Row) -> (i32, StoredPosition) {
+    let replay = match (row.get::<_, Option<i64>>(2), row.get::<_, Option<i64>>(3)) {
+        (Some(from), Some(to)) => Some((from, to)),
+        _ => None,
+    };
+    (
+        row.get(0),
+        StoredPosition {
+            next_offset: row.get(1),
+            replay,
+        },
+    )
+}
+
+/// Of the replayed rows, those whose row is not in `raw_telemetry` any more.
+async fn missing_rows<'a>(
+    tx: &Transaction<'_>,
+    replayed: Vec<&'a Row>,
+) -> Result<Vec<&'a Row>, SinkError> {
+    if replayed.is_empty() {
+        return Ok(replayed);
+    }
+    let partitions: Vec<i32> = replayed.iter().map(|r| r.partition).collect();
+    let offsets: Vec<i64> = replayed.iter().map(|r| r.offset).collect();
+    let present = tx
+        .query_typed(
+            "SELECT t.kafka_partition, t.kafka_offset
+             FROM unnest($1::int4[], $2::int8[]) AS v(p, o)
+             JOIN raw_telemetry AS t ON t.kafka_partition = v.p AND t.kafka_offset = v.o",
+            &[
+                (&partitions, Type::INT4_ARRAY),
+                (&offsets, Type::INT8_ARRAY),
+            ],
+        )
+        .await
+        .map_err(step("looking up replayed rows"))?;
+    let present: HashSet<(i32, i64)> = present.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(replayed
+        .into_iter()
+        .filter(|r| !present.contains(&(r.partition, r.offset)))
         .collect())
+}
+
+/// One upsert per device for the whole batch: each device's newest row wins, and a row older
+/// than what the table holds (a replay, a late batch from a revoked partition) changes nothing.
+async fn upsert_device_latest<'a>(
+    tx: &Transaction<'_>,
+    rows: impl Iterator<Item = &'a Row>,
+) -> Result<(), SinkError> {
+    let mut newest: HashMap<&DeviceId, &Row> = HashMap::new();
+    for row in rows {
+        let entry = newest.entry(&row.device).or_insert(row);
+        if (row.received_at, row.offset) >= (entry.received_at, entry.offset) {
+            *entry = row;
+        }
+    }
+    if newest.is_empty() {
+        return Ok(());
+    }
+    let mut rows: Vec<&Row> = newest.into_values().collect();
+    // A fixed order, so two replicas updating the same devices cannot deadlock.
+    rows.sort_by(|a, b| a.device.cmp(&b.device));
+    let users: Vec<&str> = rows.iter().map(|r| r.device.user.as_str()).collect();
+    let devices: Vec<&str> = rows.iter().map(|r| r.device.device.as_str()).collect();
+    let received: Vec<DateTime<Utc>> = rows.iter().map(|r| r.received_at).collect();
+    let device_times: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.device_time).collect();
+    let seqs: Vec<Option<i64>> = rows.iter().map(|r| r.seq).collect();
+    let payloads: Vec<&str> = rows.iter().map(|r| payload_text(&r.payload)).collect();
+    let partitions: Vec<i32> = rows.iter().map(|r| r.partition).collect();
+    let offsets: Vec<i64> = rows.iter().map(|r| r.offset).collect();
+    tx.query_typed(
+        "INSERT INTO device_latest AS l (user_id, device_id, received_at, device_time, seq,
+                                         payload, kafka_partition, kafka_offset)
+         SELECT u, d, r, t, s, p::jsonb, kp, ko
+         FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::int8[],
+                     $6::text[], $7::int4[], $8::int8[]) AS v(u, d, r, t, s, p, kp, ko)
+         ON CONFLICT (user_id, device_id) DO UPDATE
+         SET received_at = EXCLUDED.received_at, device_time = EXCLUDED.device_time,
+             seq = EXCLUDED.seq, payload = EXCLUDED.payload,
+             kafka_partition = EXCLUDED.kafka_partition, kafka_offset = EXCLUDED.kafka_offset,
+             updated_at = now()
+         WHERE (l.received_at, l.kafka_offset) <= (EXCLUDED.received_at, EXCLUDED.kafka_offset)",
+        &[
+            (&users, Type::TEXT_ARRAY),
+            (&devices, Type::TEXT_ARRAY),
+            (&received, Type::TIMESTAMPTZ_ARRAY),
+            (&device_times, Type::TIMESTAMPTZ_ARRAY),
+            (&seqs, Type::INT8_ARRAY),
+            (&payloads, Type::TEXT_ARRAY),
+            (&partitions, Type::INT4_ARRAY),
+            (&offsets, Type::INT8_ARRAY),
+        ],
+    )
+    .await
+    .map_err(step("updating device_latest"))?;
+    Ok(())
+}
+
+/// Payloads passed the contract's JSON decoding, so they are UTF-8.
+fn payload_text(payload: &[u8]) -> &str {
+    std::str::from_utf8(payload).unwrap_or("{}")
 }
 
 async fn advance_offsets(
@@ -197,9 +482,16 @@ async fn advance_offsets(
 ) -> Result<(), SinkError> {
     let partitions: Vec<i32> = next_offsets.keys().copied().collect();
     let offsets: Vec<i64> = next_offsets.values().copied().collect();
+    // GREATEST: a batch that was wholly skipped (another replica got there first) must not move
+    // an offset back. The replay window shrinks from the front and is dropped once read.
     tx.query_typed(
         "UPDATE ingest_offsets AS o
-         SET next_offset = GREATEST(o.next_offset, v.next), updated_at = now()
+         SET next_offset = GREATEST(o.next_offset, v.next),
+             replay_from = CASE WHEN GREATEST(o.replay_from, v.next) < o.replay_to
+                                THEN GREATEST(o.replay_from, v.next) END,
+             replay_to   = CASE WHEN GREATEST(o.replay_from, v.next) < o.replay_to
+                                THEN o.replay_to END,
+             updated_at = now()
          FROM unnest($2::int4[], $3::int8[]) AS v(p, next)
          WHERE o.topic = $1 AND o.kafka_partition = v.p",
         &[

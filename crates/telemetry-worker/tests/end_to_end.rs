@@ -1,426 +1,67 @@
-//! The first slice end to end, on real servers: devices publish over MQTT, the bridge moves the
-//! messages into Kafka, the worker stores them in PostgreSQL through PgBouncer.
+//! The worker on real servers: records produced to Kafka as the bridge would, stored through
+//! PgBouncer, bad ones dead-lettered with their reason.
+
+mod support;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Headers;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
-use rdkafka::Message;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use telemetry_bridge::BridgeConfig;
+use support::{Fixture, Record};
 use telemetry_core::contract::header;
-use telemetry_core::kafka::KafkaConfig;
-use telemetry_core::observe::HttpConfig;
-use telemetry_core::Shutdown;
-use telemetry_worker::WorkerConfig;
-use test_servers::{shared, unique_name, Servers};
-use tokio::task::JoinHandle;
+use test_servers::unique_name;
 
-/// One test's own database, topics and consumer group on the shared servers.
-struct Fixture {
-    servers: &'static Servers,
-    database: String,
-    kafka: KafkaConfig,
-}
-
-/// A stage running in the background until `stop`.
-struct Running {
-    shutdown: Shutdown,
-    task: JoinHandle<Result<(), String>>,
-}
-
-impl Running {
-    async fn stop(self) {
-        self.shutdown.trigger();
-        let result = tokio::time::timeout(Duration::from_secs(30), self.task).await;
-        result
-            .expect("stage stops within 30 s")
-            .expect("stage task")
-            .expect("stage ran without error");
-    }
-}
-
-impl Fixture {
-    fn new(partitions: i32) -> Fixture {
-        let servers = shared();
-        let database = unique_name("e2e");
-        servers
-            .postgres
-            .create_database(&database)
-            .expect("create database");
-        let topic = unique_name("iot_stream");
-        let dlq_topic = format!("{topic}_dlq");
-        servers
-            .kafka
-            .create_topic(&topic, partitions)
-            .expect("create topic");
-        servers
-            .kafka
-            .create_topic(&dlq_topic, 1)
-            .expect("create dead-letter topic");
-        let kafka = KafkaConfig {
-            brokers: servers.kafka.bootstrap(),
-            topic,
-            dlq_topic,
-            ..KafkaConfig::default()
-        };
-        Fixture {
-            servers,
-            database,
-            kafka,
-        }
-    }
-
-    fn start_worker(&self, group: &str) -> Running {
-        let mut config = WorkerConfig {
-            kafka: self.kafka.clone(),
-            group_id: group.to_owned(),
-            http: HttpConfig {
-                listen: "127.0.0.1:0".parse().unwrap(),
-            },
-            ..WorkerConfig::default()
-        };
-        config.postgres.url = self.servers.pgbouncer.url(&self.database);
-        let shutdown = Shutdown::new();
-        let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
-            telemetry_worker::run(config, stop)
-                .await
-                .map_err(|e| e.to_string())
-        });
-        Running { shutdown, task }
-    }
-
-    fn start_bridge(&self, subscriptions: Vec<String>) -> Running {
-        let mut config = BridgeConfig {
-            kafka: self.kafka.clone(),
-            http: HttpConfig {
-                listen: "127.0.0.1:0".parse().unwrap(),
-            },
-            ..BridgeConfig::default()
-        };
-        config.mqtt.host = self.servers.mosquitto.host().to_owned();
-        config.mqtt.port = self.servers.mosquitto.port();
-        config.mqtt.client_id = unique_name("bridge");
-        config.mqtt.subscriptions = subscriptions;
-        let shutdown = Shutdown::new();
-        let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
-            telemetry_bridge::run(config, stop)
-                .await
-                .map_err(|e| e.to_string())
-        });
-        Running { shutdown, task }
-    }
-
-    async fn database(&self) -> tokio_postgres::Client {
-        let url = self.servers.postgres.url(&self.database);
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        client
-    }
-
-    /// Waits until `raw_telemetry` holds at least `expected` rows, or a minute has passed, then
-    /// waits a little longer so that rows beyond the expected count would show. Returns the count.
-    async fn wait_for_rows(&self, expected: i64) -> i64 {
-        let client = self.database().await;
-        let count = || async {
-            match client
-                .query_one("SELECT count(*) FROM raw_telemetry", &[])
-                .await
-            {
-                Ok(row) => row.get::<_, i64>(0),
-                Err(_) => 0, // not migrated yet
-            }
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while count().await < expected && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        count().await
-    }
-
-    /// Produces records straight to the telemetry topic, as any Kafka client could.
-    async fn produce(&self, records: &[(String, String)]) {
-        let producer: FutureProducer = self.kafka.durable_producer_config().create().unwrap();
-        for (key, payload) in records {
-            let record = FutureRecord::to(&self.kafka.topic)
-                .key(key)
-                .payload(payload);
-            producer
-                .send(record, Timeout::After(Duration::from_secs(30)))
-                .await
-                .map_err(|(e, _)| e)
-                .unwrap();
-        }
-    }
-
-    /// Reads `count` dead letters: (reason, detail, key, payload).
-    async fn read_dead_letters(&self, count: usize) -> Vec<BTreeMap<String, String>> {
-        let consumer: StreamConsumer = self
-            .kafka
-            .client_config(&[
-                ("group.id", &unique_name("dlq_reader")),
-                ("auto.offset.reset", "earliest"),
-                ("isolation.level", "read_uncommitted"),
-            ])
-            .create()
-            .unwrap();
-        consumer.subscribe(&[&self.kafka.dlq_topic]).unwrap();
-        let mut letters = Vec::new();
-        while letters.len() < count {
-            let message = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
-                .await
-                .expect("dead letter within 60 s")
-                .unwrap();
-            let mut fields: BTreeMap<String, String> = message
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| {
-                            (
-                                h.key.to_owned(),
-                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            fields.insert(
-                "key".into(),
-                String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-            );
-            fields.insert(
-                "payload".into(),
-                String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
-            );
-            letters.push(fields);
-        }
-        letters
-    }
-}
-
-/// A device fleet on one MQTT connection that publishes with QoS 1 and waits for every PUBACK.
-async fn publish_all(servers: &Servers, messages: &[(String, String)]) {
-    let mut options = MqttOptions::new(
-        unique_name("devices"),
-        servers.mosquitto.host(),
-        servers.mosquitto.port(),
-    );
-    options
-        .set_keep_alive(Duration::from_secs(30))
-        .set_inflight(100);
-    let (client, mut eventloop) = AsyncClient::new(options, 1000);
-    let total = messages.len();
-    let messages = messages.to_vec();
-    let publisher = tokio::spawn(async move {
-        for (topic, payload) in messages {
-            client
-                .publish(topic, QoS::AtLeastOnce, false, payload)
-                .await
-                .unwrap();
-        }
-        client
-    });
-    let mut acked = 0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while acked < total {
-        let event = tokio::time::timeout_at(deadline.into(), eventloop.poll())
-            .await
-            .expect("PUBACKs within 60 s");
-        if let Event::Incoming(Packet::PubAck(_)) = event.expect("mqtt connection") {
-            acked += 1;
-        }
-    }
-    let client = publisher.await.unwrap();
-    client.disconnect().await.unwrap();
-}
-
-fn telemetry_topic(user: &str, device: &str) -> String {
-    format!("users/{user}/devices/{device}/telemetry")
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_messages_from_nine_devices_land_as_a_thousand_rows() {
-    let fixture = Fixture::new(3);
-    let run = unique_name("u");
-    let users: Vec<String> = (1..=3).map(|i| format!("{run}-{i}")).collect();
-    let devices: Vec<(String, String)> = users
-        .iter()
-        .flat_map(|u| (1..=3).map(move |d| (u.clone(), format!("dev-{d}"))))
-        .collect();
-    let mut messages = Vec::new();
-    let mut expected = BTreeMap::new();
-    for n in 0..1000usize {
-        let (user, device) = &devices[n % devices.len()];
-        let seq = (n / devices.len()) as i64;
-        let payload = format!(
-            r#"{{"ts":{},"seq":{seq},"temperature":{}.5}}"#,
-            1_764_000_000_000i64 + n as i64,
-            n % 40
-        );
-        expected.insert((user.clone(), device.clone(), seq), payload.clone());
-        messages.push((telemetry_topic(user, device), payload));
-    }
-    let subscriptions = users
-        .iter()
-        .map(|u| format!("users/{u}/devices/+/telemetry"))
-        .collect();
-    let worker = fixture.start_worker(&unique_name("group"));
-    let bridge = fixture.start_bridge(subscriptions);
-    tokio::time::sleep(Duration::from_secs(1)).await; // the bridge subscribes on connect
-
-    publish_all(fixture.servers, &messages).await;
-
-    assert_eq!(fixture.wait_for_rows(1000).await, 1000);
-    let rows = fixture
-        .database()
-        .await
-        .query("SELECT user_id, device_id, seq, payload::text, device_time, received_at FROM raw_telemetry", &[])
-        .await
-        .unwrap();
-    let mut stored = BTreeMap::new();
-    for row in &rows {
-        let key = (
-            row.get::<_, String>(0),
-            row.get::<_, String>(1),
-            row.get::<_, i64>(2),
-        );
-        let payload: serde_json::Value = serde_json::from_str(row.get::<_, &str>(3)).unwrap();
-        let device_time: chrono::DateTime<chrono::Utc> = row.get(4);
-        assert_eq!(Some(device_time.timestamp_millis()), payload["ts"].as_i64());
-        assert!(
-            stored.insert(key.clone(), payload).is_none(),
-            "duplicate row {key:?}"
-        );
-    }
-    for (key, payload) in &expected {
-        let stored = stored
-            .get(key)
-            .unwrap_or_else(|| panic!("row {key:?} missing"));
-        assert_eq!(
-            stored,
-            &serde_json::from_str::<serde_json::Value>(payload).unwrap()
-        );
-    }
-    bridge.stop().await;
-    worker.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_messages_go_to_the_dead_letter_topic_with_their_reason_and_valid_ones_are_stored()
-{
-    let fixture = Fixture::new(1);
-    let user = unique_name("u");
-    let worker = fixture.start_worker(&unique_name("group"));
-    let bridge = fixture.start_bridge(vec![format!("users/{user}/#")]);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-
-    publish_all(
-        fixture.servers,
-        &[
-            (telemetry_topic(&user, "d1"), r#"{"seq":0,"v":1}"#.into()),
-            (telemetry_topic(&user, "d1"), "not json".into()),
-            (
-                format!("users/{user}/devices/d1/extra/telemetry"),
-                r#"{"v":1}"#.into(),
-            ),
-            (
-                telemetry_topic(&user, "d1"),
-                r#"{"seq":1,"v":"hot"}"#.into(),
-            ),
-            (telemetry_topic(&user, "d1"), r#"{"seq":2,"v":3}"#.into()),
-        ],
-    )
-    .await;
-
-    assert_eq!(fixture.wait_for_rows(2).await, 2);
-    let mut letters = fixture.read_dead_letters(3).await;
-    letters.sort_by(|a, b| a[header::DLQ_REASON].cmp(&b[header::DLQ_REASON]));
-    let reasons: Vec<&str> = letters
-        .iter()
-        .map(|l| l[header::DLQ_REASON].as_str())
-        .collect();
-    assert_eq!(
-        reasons,
-        ["invalid_json", "invalid_reading", "invalid_topic"]
-    );
-    assert_eq!(letters[0]["payload"], "not json");
-    assert_eq!(letters[0]["key"], format!("{user}/d1"));
-    assert_eq!(letters[0][header::DLQ_STAGE], "worker");
-    assert_eq!(
-        letters[0][header::MQTT_TOPIC],
-        telemetry_topic(&user, "d1"),
-        "original headers are kept"
-    );
-    assert!(letters[0].contains_key(header::DLQ_SOURCE_OFFSET));
-    assert!(
-        letters[1][header::DLQ_DETAIL].contains("'v'"),
-        "{:?}",
-        letters[1]
-    );
-    assert_eq!(letters[2][header::DLQ_STAGE], "bridge");
-    assert!(
-        letters[2][header::DLQ_DETAIL].contains("extra"),
-        "{:?}",
-        letters[2]
-    );
-    bridge.stop().await;
-    worker.stop().await;
-}
+const A_MINUTE: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_consumed_again_by_another_group_are_not_stored_twice() {
     let fixture = Fixture::new(2);
-    let records: Vec<(String, String)> = (0..200)
-        .map(|n| {
-            (
-                format!("replay/d{}", n % 4),
-                format!(r#"{{"seq":{n},"v":{n}}}"#),
-            )
-        })
-        .collect();
+    let records = fixture.records(200, 4);
     fixture.produce(&records).await;
     let first = fixture.start_worker(&unique_name("group"));
-    assert_eq!(fixture.wait_for_rows(200).await, 200);
+    assert_eq!(fixture.wait_for_rows(200, A_MINUTE).await, 200);
     first.stop().await;
 
-    // A new group starts from the oldest record, exactly like an offset reset to the beginning.
+    // A new group has no committed offsets, exactly like an offset reset to the beginning.
     let second = fixture.start_worker(&unique_name("group"));
-    fixture
-        .produce(&[("replay/d9".into(), r#"{"seq":0,"v":1}"#.into())])
-        .await;
-    assert_eq!(fixture.wait_for_rows(201).await, 201);
+    let one_more = Record {
+        key: fixture.key(9),
+        payload: r#"{"seq":0,"v":1}"#.into(),
+        received_at_ms: None,
+    };
+    fixture.produce(std::slice::from_ref(&one_more)).await;
+    assert_eq!(fixture.wait_for_rows(201, A_MINUTE).await, 201);
     second.stop().await;
+    let mut all = records;
+    all.push(one_more);
+    fixture.assert_stored_exactly_once(&all).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_postgres_rejects_is_dead_lettered_alone_and_the_rest_of_its_batch_is_stored() {
     let fixture = Fixture::new(1);
-    let mut client = fixture.database().await;
-    telemetry_worker::schema::migrate(&mut client)
+    fixture.migrate().await;
+    fixture
+        .database()
         .await
-        .unwrap();
-    client
         .batch_execute(
             "ALTER TABLE raw_telemetry ADD CONSTRAINT seq_below_a_million CHECK (seq < 1000000)",
         )
         .await
         .unwrap();
-    let mut records: Vec<(String, String)> = (0..99)
-        .map(|n| ("bisect/d1".to_string(), format!(r#"{{"seq":{n},"v":1}}"#)))
-        .collect();
-    records.insert(37, ("bisect/d1".into(), r#"{"seq":5000000,"v":1}"#.into()));
+    let mut records = fixture.records(99, 1);
+    let bad = Record {
+        key: fixture.key(0),
+        payload: r#"{"seq":5000000,"v":1}"#.into(),
+        received_at_ms: None,
+    };
+    records.insert(37, bad);
     fixture.produce(&records).await;
 
     let worker = fixture.start_worker(&unique_name("group"));
-    assert_eq!(fixture.wait_for_rows(99).await, 99);
+    assert_eq!(fixture.wait_for_rows(99, A_MINUTE).await, 99);
     let letters = fixture.read_dead_letters(1).await;
     assert_eq!(letters[0][header::DLQ_REASON], "rejected_by_database");
     assert!(
@@ -431,4 +72,149 @@ async fn a_row_postgres_rejects_is_dead_lettered_alone_and_the_rest_of_its_batch
     assert_eq!(letters[0][header::DLQ_SOURCE_OFFSET], "37");
     assert_eq!(letters[0]["payload"], r#"{"seq":5000000,"v":1}"#);
     worker.stop().await;
+    records.remove(37);
+    fixture.assert_stored_exactly_once(&records).await;
+}
+
+/// A poison record: what is produced, and the reason it must be dead-lettered with.
+struct Poison {
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    reason: &'static str,
+}
+
+fn poison(key: Option<&str>, payload: impl Into<Vec<u8>>, reason: &'static str) -> Poison {
+    Poison {
+        key: key.map(|k| k.as_bytes().to_vec()),
+        payload: payload.into(),
+        reason,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_of_every_kind_are_dead_lettered_and_the_good_ones_around_them_stored() {
+    let fixture = Fixture::new(1);
+    let key = fixture.key(0);
+    let key = Some(key.as_str());
+    let poisons = [
+        poison(None, r#"{"v":1}"#, "invalid_key"),
+        poison(Some("no-slash"), r#"{"v":1}"#, "invalid_key"),
+        poison(Some("user/+"), r#"{"v":1}"#, "invalid_key"),
+        poison(key, "not json", "invalid_json"),
+        poison(key, "", "invalid_json"),
+        poison(
+            key,
+            b"{\"v\":1,\"s\":\"\xff\xfe\"}".to_vec(),
+            "invalid_json",
+        ),
+        poison(key, "[1,2,3]", "not_an_object"),
+        poison(key, r#"{"ts":"yesterday","v":1}"#, "invalid_timestamp"),
+        poison(key, r#"{"seq":-1,"v":1}"#, "invalid_sequence"),
+        poison(key, r#"{"v":"hot"}"#, "invalid_reading"),
+        poison(
+            key,
+            r#"{"v":{"a":{"b":{"c":{"d":{"e":1}}}}}}"#,
+            "invalid_reading",
+        ),
+        poison(key, r#"{"ts":1764000000000}"#, "no_readings"),
+        poison(
+            key,
+            format!(r#"{{"v":1,"pad":"{}"}}"#, "x".repeat(70_000)),
+            "payload_too_large",
+        ),
+        // jsonb cannot hold U+0000, so the contract refuses it before PostgreSQL would.
+        poison(key, r#"{"v":1,"n\u0000":2}"#, "invalid_reading"),
+    ];
+    let mut good = Vec::new();
+    let mut expected_reasons = BTreeMap::new();
+    let producer = fixture.producer();
+    let mut offset = 0;
+    let mut seq = 0;
+    for poison in &poisons {
+        for _ in 0..3 {
+            let record = Record {
+                key: fixture.key(0),
+                payload: format!(r#"{{"seq":{seq},"v":{seq}}}"#),
+                received_at_ms: None,
+            };
+            support::produce(
+                &producer,
+                &fixture.kafka.topic,
+                std::slice::from_ref(&record),
+            )
+            .await;
+            good.push(record);
+            seq += 1;
+            offset += 1;
+        }
+        let mut record = FutureRecord::<[u8], [u8]>::to(&fixture.kafka.topic)
+            .payload(&poison.payload)
+            .headers(OwnedHeaders::new());
+        if let Some(key) = &poison.key {
+            record = record.key(key.as_slice());
+        }
+        producer
+            .send(record, Timeout::After(A_MINUTE))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        expected_reasons.insert(offset.to_string(), poison.reason);
+        offset += 1;
+    }
+
+    let worker = fixture.start_worker(&unique_name("group"));
+    let letters = fixture.read_dead_letters(poisons.len()).await;
+    let reasons: BTreeMap<String, &str> = letters
+        .iter()
+        .map(|l| {
+            (
+                l[header::DLQ_SOURCE_OFFSET].clone(),
+                l[header::DLQ_REASON].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(reasons, expected_reasons);
+    for letter in &letters {
+        assert_eq!(letter[header::DLQ_STAGE], "worker");
+        assert_eq!(letter[header::DLQ_SOURCE_TOPIC], fixture.kafka.topic);
+        assert!(!letter[header::DLQ_DETAIL].is_empty(), "{letter:?}");
+    }
+    assert_eq!(
+        fixture.wait_for_rows(good.len() as i64, A_MINUTE).await,
+        good.len() as i64
+    );
+    worker.stop().await;
+    fixture.assert_stored_exactly_once(&good).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_latest_holds_each_devices_newest_reading() {
+    let fixture = Fixture::new(3);
+    let records = fixture.records(3000, 7);
+    fixture.produce(&records).await;
+    let worker = fixture.start_worker(&unique_name("group"));
+    assert_eq!(fixture.wait_for_rows(3000, A_MINUTE).await, 3000);
+    worker.stop().await;
+
+    let rows = fixture
+        .database()
+        .await
+        .query(
+            "SELECT user_id || '/' || device_id, seq, payload::text FROM device_latest ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut newest: BTreeMap<String, &Record> = BTreeMap::new();
+    for record in &records {
+        newest.insert(record.key.clone(), record); // later records overwrite earlier ones
+    }
+    assert_eq!(rows.len(), 7);
+    for row in &rows {
+        let key: String = row.get(0);
+        let expected: serde_json::Value = serde_json::from_str(&newest[&key].payload).unwrap();
+        let stored: serde_json::Value = serde_json::from_str(row.get::<_, &str>(2)).unwrap();
+        assert_eq!(stored, expected, "{key}");
+        assert_eq!(row.get::<_, i64>(1), expected["seq"].as_i64().unwrap());
+    }
 }

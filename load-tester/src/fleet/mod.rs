@@ -117,6 +117,10 @@ pub struct FleetOutcome {
     pub elapsed: Duration,
     /// The run was stopped by a signal before the timetable ran out.
     pub interrupted: bool,
+    /// The timetable the fleet followed, and when it started as time since the epoch: message
+    /// `k` of device `g` was due at `wall_start + schedule.due(g, k)`, the `ts` of its payload.
+    pub schedule: Schedule,
+    pub wall_start: Duration,
 }
 
 /// Connects the fleet, publishes the whole timetable, waits for the acknowledgements and
@@ -249,6 +253,8 @@ pub async fn run(
         publish_elapsed: Duration::ZERO,
         elapsed: Duration::ZERO,
         interrupted: false,
+        schedule,
+        wall_start: wall_start_ms,
     };
     let mut first_errors = Vec::new();
     let mut last_write = None;

@@ -1,0 +1,290 @@
+//! `make bench-e2e`: the sustained MQTT -> PostgreSQL rate of the local stack, and the
+//! end-to-end latency at half of it.
+//!
+//! Starts the local stack (`scripts/stack.sh up`, release builds) and drives it with the
+//! load-tester (`--verify`, per-user logins) at increasing fleet rates, each for a fixed time,
+//! multiplying the rate by `--factor` until a step fails, then bisecting between the last pass
+//! and the first failure. A step passes when every message was acknowledged and stored exactly
+//! once, the end-to-end p99 (due time -> row committed) stayed under 1 s, and the load-tester
+//! kept its timetable (at most 1% of sends late), so the rate was really offered. The sustained
+//! rate is the highest passing one; a last, longer run at half of it gives the latencies.
+//!
+//! The last line printed is one JSON object:
+//! `{"bench":"e2e","sustained_msgs_per_s":N,"e2e_p50_ms":A,"e2e_p99_ms":B,"lost":0,"duplicated":0,...}`
+//! with the half-rate run's figures. Target at half the sustained rate: e2e p99 <= 250 ms and
+//! lost = duplicated = 0; reported, never asserted. The line is also kept in the stack's
+//! directory for `bench_alerts`.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::bail;
+use benchmarks::stack::{round2, LoadRun, LocalStack};
+use clap::Parser;
+use serde_json::json;
+
+/// A step passes only if the end-to-end p99 stays under this.
+const MAX_E2E_P99_MS: f64 = 1000.0;
+/// Target for the e2e p99 at half the sustained rate.
+const TARGET_E2E_P99_MS: f64 = 250.0;
+/// A step in which more sends than this share were late measured the tester, not the pipeline.
+const MAX_LATE_SHARE: f64 = 0.01;
+/// Each step's sequence numbers start this far above the previous step's, so a step's rows are
+/// told apart from earlier steps' of the same users.
+const SEQ_STRIDE: i64 = 1_000_000_000;
+
+#[derive(Debug, Parser)]
+#[command(about = "Sustained rate and end-to-end latency of the local stack")]
+struct Args {
+    /// Users in the fleet (one MQTT connection each, logged in as that user).
+    #[arg(long, default_value_t = 30)]
+    users: u64,
+    /// Devices per user.
+    #[arg(long, default_value_t = 3)]
+    devices_per_user: u64,
+    /// Fleet rate of the first step, in messages per second.
+    #[arg(long, default_value_t = 500.0)]
+    start_rate: f64,
+    /// Each step's rate is the previous one's times this, until a step fails.
+    #[arg(long, default_value_t = 1.5)]
+    factor: f64,
+    /// No step goes above this fleet rate.
+    #[arg(long, default_value_t = 50_000.0)]
+    max_rate: f64,
+    /// Bisection steps between the last passing and the first failing rate.
+    #[arg(long, default_value_t = 2)]
+    refine: u32,
+    /// Seconds each step publishes.
+    #[arg(long, default_value_t = 15)]
+    seconds: u64,
+    /// Seconds the run at half the sustained rate publishes.
+    #[arg(long, default_value_t = 30)]
+    half_seconds: u64,
+}
+
+/// What one step showed.
+struct Step {
+    rate: f64,
+    run: LoadRun,
+    /// Why it failed; `None` when it passed.
+    failure: Option<String>,
+}
+
+fn judge(run: &LoadRun) -> Option<String> {
+    let p99 = run.latency("e2e_ms", "p99");
+    let late_share = run.number("late") / run.number("sent").max(1.0);
+    if run.exit_code != 0 {
+        let mut why = format!(
+            "load-tester exit {}: lost {}, duplicated {}, unacked {}, not sent {}, errors {}",
+            run.exit_code,
+            run.number("lost"),
+            run.number("duplicated"),
+            run.number("unacked"),
+            run.number("not_sent"),
+            run.number("errors")
+        );
+        if run.report["verify_timed_out"] == true {
+            why.push_str(" (rows still arriving when the verify timeout ran out)");
+        }
+        Some(why)
+    } else if p99.is_none_or(|p| p >= MAX_E2E_P99_MS) {
+        Some(format!(
+            "e2e p99 {:.0} ms >= {MAX_E2E_P99_MS:.0} ms",
+            p99.unwrap_or(f64::NAN)
+        ))
+    } else if late_share > MAX_LATE_SHARE {
+        Some(format!(
+            "the load-tester fell behind its timetable ({:.1}% of sends late)",
+            late_share * 100.0
+        ))
+    } else {
+        None
+    }
+}
+
+fn describe(step: &Step) -> String {
+    let ms = |p: &str| step.run.latency("e2e_ms", p).unwrap_or(f64::NAN);
+    format!(
+        "{:.0} msg/s: {} (published {:.1} msg/s, e2e p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; lost {}, duplicated {})",
+        step.rate,
+        step.failure
+            .as_deref()
+            .map_or("pass".to_owned(), |why| format!("FAIL, {why}")),
+        step.run.number("publish_rate"),
+        ms("p50"),
+        ms("p99"),
+        ms("max"),
+        step.run.number("lost"),
+        step.run.number("duplicated"),
+    )
+}
+
+struct Bench {
+    stack: LocalStack,
+    args: Args,
+    prefix: String,
+    steps: usize,
+}
+
+impl Bench {
+    fn run(&mut self, rate: f64, seconds: u64) -> anyhow::Result<Step> {
+        let devices = (self.args.users * self.args.devices_per_user) as f64;
+        let seq_start = self.steps as i64 * SEQ_STRIDE;
+        self.steps += 1;
+        let flags: Vec<String> = [
+            "--users",
+            &self.args.users.to_string(),
+            "--devices-per-user",
+            &self.args.devices_per_user.to_string(),
+            "--rate",
+            &format!("{}", rate / devices),
+            "--duration",
+            &format!("{seconds}s"),
+            "--user-prefix",
+            &self.prefix,
+            "--seq-start",
+            &seq_start.to_string(),
+            "--run-id",
+            &format!("e2e-{}", self.steps),
+            "--verify",
+            "--verify-timeout",
+            "60s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let run = self.stack.load_test(&flags)?;
+        let failure = judge(&run);
+        if failure.is_some() {
+            // An overloaded pipeline keeps working off its backlog; let it finish first.
+            self.stack
+                .wait_until_drained(&self.prefix, Duration::from_secs(180))?;
+        }
+        Ok(Step { rate, run, failure })
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !(args.factor > 1.0 && args.start_rate > 0.0 && args.max_rate >= args.start_rate) {
+        bail!("--factor must be above 1 and --start-rate above 0 and at most --max-rate");
+    }
+    let stack = LocalStack::from_env()?;
+    stack.up()?;
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let prefix = format!("e2e{stamp}-u");
+    stack.add_users(&prefix, args.users)?;
+    let devices = args.users * args.devices_per_user;
+    println!(
+        "bench-e2e: {} users x {} devices = {devices} devices, {} s per step, rates x{} from {} msg/s",
+        args.users, args.devices_per_user, args.seconds, args.factor, args.start_rate
+    );
+    let mut bench = Bench {
+        stack,
+        args,
+        prefix,
+        steps: 0,
+    };
+
+    let round = |rate: f64| (rate / 10.0).round() * 10.0;
+    let mut passed: Option<Step> = None;
+    let mut failed: Option<Step> = None;
+    let mut rate = round(bench.args.start_rate);
+    let mut trail = Vec::new();
+    while rate <= bench.args.max_rate {
+        let step = bench.run(rate, bench.args.seconds)?;
+        println!("step {}: {}", bench.steps, describe(&step));
+        trail.push(json!({"rate": step.rate, "passed": step.failure.is_none(),
+                          "e2e_p99_ms": step.run.latency("e2e_ms", "p99")}));
+        if step.failure.is_some() {
+            failed = Some(step);
+            break;
+        }
+        passed = Some(step);
+        rate = round(rate * bench.args.factor);
+    }
+    for _ in 0..bench.args.refine {
+        let (Some(low), Some(high)) = (&passed, &failed) else {
+            break;
+        };
+        let middle = round((low.rate + high.rate) / 2.0);
+        if middle <= low.rate || middle >= high.rate {
+            break;
+        }
+        let step = bench.run(middle, bench.args.seconds)?;
+        println!("step {}: {}", bench.steps, describe(&step));
+        trail.push(json!({"rate": step.rate, "passed": step.failure.is_none(),
+                          "e2e_p99_ms": step.run.latency("e2e_ms", "p99")}));
+        if step.failure.is_some() {
+            failed = Some(step);
+        } else {
+            passed = Some(step);
+        }
+    }
+    let Some(sustained) = passed else {
+        let why = failed.and_then(|s| s.failure).unwrap_or_default();
+        bail!(
+            "not even the first step ({} msg/s) passed: {why}; try --start-rate lower",
+            bench.args.start_rate
+        );
+    };
+    match &failed {
+        Some(step) => println!(
+            "sustained: {:.0} msg/s (the highest passing step; {:.0} msg/s failed: {})",
+            sustained.rate,
+            step.rate,
+            step.failure.as_deref().unwrap_or("")
+        ),
+        None => println!(
+            "sustained: at least {:.0} msg/s (--max-rate reached without a failure)",
+            sustained.rate
+        ),
+    }
+
+    let half_rate = round(sustained.rate / 2.0);
+    let half = bench.run(half_rate, bench.args.half_seconds)?;
+    println!(
+        "at half the sustained rate, {} s: {}",
+        bench.args.half_seconds,
+        describe(&half)
+    );
+    let ms = |p: &str| half.run.latency("e2e_ms", p).map(round2);
+    let p99 = ms("p99");
+    let lost = half.run.report["lost"].as_u64();
+    let duplicated = half.run.report["duplicated"].as_u64();
+    let met =
+        p99.is_some_and(|p| p <= TARGET_E2E_P99_MS) && lost == Some(0) && duplicated == Some(0);
+    println!(
+        "target at half: e2e p99 <= {TARGET_E2E_P99_MS:.0} ms and lost = duplicated = 0: {}",
+        if met { "met" } else { "NOT met" }
+    );
+    let line = json!({
+        "bench": "e2e",
+        "sustained_msgs_per_s": sustained.rate,
+        "e2e_p50_ms": ms("p50"),
+        "e2e_p99_ms": p99,
+        "lost": lost,
+        "duplicated": duplicated,
+        "e2e_p90_ms": ms("p90"),
+        "e2e_max_ms": ms("max"),
+        "half_rate_msgs_per_s": half_rate,
+        "half_publish_rate": round2(half.run.number("publish_rate")),
+        "half_messages": half.run.report["sent"],
+        "half_seconds": bench.args.half_seconds,
+        "puback_p99_ms": half.run.latency("puback_ms", "p99").map(round2),
+        "sustained_e2e_p99_ms": sustained.run.latency("e2e_ms", "p99").map(round2),
+        "first_failing_msgs_per_s": failed.as_ref().map(|s| s.rate),
+        "first_failure": failed.as_ref().and_then(|s| s.failure.clone()),
+        "users": bench.args.users,
+        "devices": devices,
+        "step_seconds": bench.args.seconds,
+        "steps": trail,
+        "target_e2e_p99_ms": TARGET_E2E_P99_MS,
+        "target_met": met,
+    });
+    bench.stack.save_result("e2e", &line)?;
+    println!("{line}");
+    Ok(())
+}

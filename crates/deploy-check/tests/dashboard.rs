@@ -1,0 +1,432 @@
+//! The Grafana dashboard plots only metrics that the services really export.
+//!
+//! Metrics appear in /metrics only after their first use, so the story runs the pipeline for
+//! real on throwaway servers: a worker and a bridge in this process, devices publishing good
+//! readings, a reading the worker must dead-letter, one the bridge must dead-letter, a reading
+//! above the alert threshold and one below its clear level, a second bridge that cannot reach
+//! its broker (reconnects), and a PgBouncer outage (worker retries). Then every metric name in
+//! the dashboard's PromQL must be among the samples the two /metrics endpoints serve.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use deploy_check::{
+    exposition_sample_names, json, load_stage_config, promql_metric_names, repo_root,
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use telemetry_bridge::BridgeConfig;
+use telemetry_core::kafka::KafkaConfig;
+use telemetry_core::observe::HttpConfig;
+use telemetry_core::Shutdown;
+use telemetry_worker::WorkerConfig;
+use test_servers::{shared, unique_name, PgBouncer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const DASHBOARD: &str = "deploy/grafana/dashboards/telemetry-pipeline.json";
+
+/// Series that Prometheus itself adds to every scrape, not exported by any service.
+const PROMETHEUS_BUILT_INS: &[&str] = &["up"];
+
+fn dashboard_expressions() -> Vec<(String, String)> {
+    let dashboard = json(DASHBOARD).unwrap();
+    let mut expressions = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            expressions.push((
+                panel["title"].as_str().unwrap_or_default().to_owned(),
+                target["expr"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    expressions
+}
+
+fn dashboard_metric_names() -> BTreeSet<String> {
+    dashboard_expressions()
+        .iter()
+        .flat_map(|(_, expr)| promql_metric_names(expr))
+        .filter(|name| !PROMETHEUS_BUILT_INS.contains(&name.as_str()))
+        .collect()
+}
+
+#[test]
+fn the_dashboard_is_provisionable_and_covers_what_operators_watch() {
+    let dashboard = json(DASHBOARD).unwrap();
+    assert_eq!(dashboard["uid"], "telemetry-pipeline");
+    let provisioned =
+        deploy_check::yaml("deploy/grafana/provisioning/datasources/prometheus.yml").unwrap();
+    let datasource_uid = &provisioned["datasources"][0]["uid"];
+    let mut ids = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        assert!(
+            ids.insert(panel["id"].as_u64().unwrap()),
+            "duplicate panel id"
+        );
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert_eq!(
+            &panel["datasource"]["uid"], datasource_uid,
+            "panel '{}' must use the provisioned datasource",
+            panel["title"]
+        );
+        assert!(
+            panel["targets"].as_array().is_some_and(|t| !t.is_empty()),
+            "panel '{}' has no query",
+            panel["title"]
+        );
+    }
+    let names = dashboard_metric_names();
+    for (topic, metric) in [
+        ("ingest rate", "telemetry_worker_rows_written_total"),
+        ("batch sizes", "telemetry_worker_batch_records_bucket"),
+        ("flush latency", "telemetry_worker_flush_seconds_bucket"),
+        ("consumer lag", "telemetry_worker_consumer_lag"),
+        ("dead letters", "telemetry_worker_dead_letters_total"),
+        ("alerts", "telemetry_alerts_raised_total"),
+        (
+            "end-to-end latency",
+            "telemetry_worker_record_age_seconds_bucket",
+        ),
+    ] {
+        assert!(
+            names.contains(metric),
+            "the dashboard does not plot {topic} ({metric})"
+        );
+    }
+}
+
+/// A free port on 127.0.0.1, so the test knows where each /metrics server listens.
+fn free_address() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response
+        .starts_with("HTTP/1.1 200")
+        .then(|| {
+            response
+                .split_once("\r\n\r\n")
+                .map(|(_, body)| body.to_owned())
+        })
+        .flatten()
+}
+
+struct Running {
+    shutdown: Shutdown,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.trigger();
+        let stopped = tokio::time::timeout(Duration::from_secs(40), self.task).await;
+        stopped
+            .expect("stage stops within 40 s")
+            .expect("stage task")
+            .expect("stage ran without error");
+    }
+}
+
+fn start_worker(config: WorkerConfig) -> Running {
+    let shutdown = Shutdown::new();
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        telemetry_worker::run(config, stop)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    Running { shutdown, task }
+}
+
+fn start_bridge(config: BridgeConfig) -> Running {
+    let shutdown = Shutdown::new();
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        telemetry_bridge::run(config, stop)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    Running { shutdown, task }
+}
+
+/// Publishes with QoS 1 as one device owner and waits for every PUBACK.
+async fn publish(host: &str, port: u16, messages: &[(String, Vec<u8>)]) {
+    let mut options = MqttOptions::new(unique_name("devices"), host, port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_max_packet_size(1024 * 1024, 1024 * 1024);
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    for (topic, payload) in messages {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked < messages.len() {
+        let event = tokio::time::timeout_at(deadline.into(), eventloop.poll())
+            .await
+            .expect("PUBACKs within 60 s")
+            .expect("MQTT connection");
+        if let Event::Incoming(Packet::PubAck(_)) = event {
+            acked += 1;
+        }
+    }
+    client.disconnect().await.unwrap();
+}
+
+/// Scrapes both endpoints until `done` says the samples are complete, or a deadline passes.
+async fn scrape_until(
+    endpoints: &[SocketAddr],
+    within: Duration,
+    done: impl Fn(&BTreeSet<String>) -> bool,
+) -> BTreeSet<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut names = BTreeSet::new();
+        for endpoint in endpoints {
+            if let Some(body) = http_get(*endpoint, "/metrics").await {
+                names.extend(exposition_sample_names(&body));
+            }
+        }
+        if done(&names) || Instant::now() > deadline {
+            return names;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn stored_rows(url: &str) -> i64 {
+    let Ok((client, connection)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await else {
+        return 0;
+    };
+    tokio::spawn(connection);
+    match client
+        .query_one("SELECT count(*) FROM raw_telemetry", &[])
+        .await
+    {
+        Ok(row) => row.get(0),
+        Err(_) => 0, // not migrated yet
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboard_plots_is_exported_by_a_running_worker_and_bridge() {
+    let servers = shared();
+    let database = unique_name("dashboard");
+    servers.postgres.create_database(&database).unwrap();
+    let topic = unique_name("iot_stream");
+    let dlq_topic = format!("{topic}_dlq");
+    servers.kafka.create_topic(&topic, 2).unwrap();
+    servers.kafka.create_topic(&dlq_topic, 1).unwrap();
+    let kafka = KafkaConfig {
+        brokers: servers.kafka.bootstrap(),
+        topic,
+        dlq_topic,
+        ..KafkaConfig::default()
+    };
+    // A PgBouncer of this test's own, so that stopping it disturbs no other test.
+    let pgbouncer = PgBouncer::start(&servers.postgres).unwrap();
+
+    // The worker as docker-compose.yml configures it, pointed at the throwaway servers: the
+    // alert settings go through the same environment-variable path as in the compose file.
+    let worker_http = free_address();
+    let rules = repo_root().join("deploy/alerts/rules.toml");
+    let mut env: BTreeMap<String, String> = [
+        ("KAFKA__BROKERS", kafka.brokers.clone()),
+        ("KAFKA__TOPIC", kafka.topic.clone()),
+        ("KAFKA__DLQ_TOPIC", kafka.dlq_topic.clone()),
+        ("GROUP_ID", unique_name("worker")),
+        ("POSTGRES__URL", pgbouncer.url(&database)),
+        ("HTTP__LISTEN", worker_http.to_string()),
+        ("ALERTS__RULES__PATH", rules.display().to_string()),
+        (
+            "ALERTS__OUTBOX__MQTT__HOST",
+            servers.mosquitto.host().to_owned(),
+        ),
+        (
+            "ALERTS__OUTBOX__MQTT__PORT",
+            servers.mosquitto.port().to_string(),
+        ),
+        ("ALERTS__OUTBOX__MQTT__CLIENT_ID", unique_name("alerts")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("TELEMETRY_WORKER_{k}"), v))
+    .collect();
+    // Alert settings are being added to the worker. Until it has them, it runs without, and
+    // the alert panels' metrics are left out of the comparison (and named on stderr); once it
+    // has them, they are configured here and their metrics must appear like every other.
+    let has_alerts = serde_json::to_value(WorkerConfig::default()).unwrap()["alerts"].is_object();
+    if !has_alerts {
+        env.retain(|k, _| !k.starts_with("TELEMETRY_WORKER_ALERTS__"));
+    }
+    let worker_config: WorkerConfig = load_stage_config("worker", None, &env, "TELEMETRY_WORKER_")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let worker = start_worker(worker_config);
+
+    let bridge_http = free_address();
+    let mut bridge_config = BridgeConfig {
+        kafka: kafka.clone(),
+        http: HttpConfig {
+            listen: bridge_http,
+        },
+        max_payload_bytes: 4096,
+        ..BridgeConfig::default()
+    };
+    bridge_config.mqtt.host = servers.mosquitto.host().to_owned();
+    bridge_config.mqtt.port = servers.mosquitto.port();
+    bridge_config.mqtt.client_id = unique_name("bridge");
+    let bridge = start_bridge(bridge_config.clone());
+
+    // A bridge whose broker is unreachable counts reconnects (both bridges share the process's
+    // metrics registry, as the worker does).
+    let mut lost = bridge_config.clone();
+    lost.mqtt.port = free_address().port();
+    lost.mqtt.client_id = unique_name("lost_bridge");
+    lost.http.listen = "127.0.0.1:0".parse().unwrap();
+    let lost_bridge = start_bridge(lost);
+
+    let endpoints = [worker_http, bridge_http];
+    let ready = scrape_until(&endpoints, Duration::from_secs(30), |names| {
+        names.contains("telemetry_bridge_mqtt_reconnects_total")
+    })
+    .await;
+    assert!(
+        !ready.is_empty(),
+        "neither /metrics endpoint answered within 30 s"
+    );
+    // Give the bridge time to subscribe before devices publish.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let user = unique_name("owner");
+    let topic_of = |device: &str| format!("users/{user}/devices/{device}/telemetry");
+    let mut messages: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|seq| {
+            (
+                topic_of("thermo-1"),
+                format!(r#"{{"seq":{seq},"temperature":21.5}}"#).into_bytes(),
+            )
+        })
+        .collect();
+    // Above the alert threshold (80.0), then below its clear level (75.0).
+    messages.push((
+        topic_of("thermo-2"),
+        br#"{"seq":1,"temperature":85.0}"#.to_vec(),
+    ));
+    messages.push((
+        topic_of("thermo-2"),
+        br#"{"seq":2,"temperature":70.0}"#.to_vec(),
+    ));
+    // Not JSON: the worker dead-letters it (invalid_json).
+    messages.push((topic_of("thermo-3"), b"not json".to_vec()));
+    // Larger than the bridge's max_payload_bytes: the bridge dead-letters it.
+    messages.push((topic_of("thermo-3"), vec![b' '; 5000]));
+    publish(
+        servers.mosquitto.host(),
+        servers.mosquitto.port(),
+        &messages,
+    )
+    .await;
+
+    let direct_url = servers.postgres.url(&database);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stored_rows(&direct_url).await < 22 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        stored_rows(&direct_url).await,
+        22,
+        "the good readings are stored"
+    );
+
+    // An outage: the worker retries instead of dead-lettering, and stores the record after.
+    pgbouncer.stop();
+    publish(
+        servers.mosquitto.host(),
+        servers.mosquitto.port(),
+        &[(
+            topic_of("thermo-1"),
+            br#"{"seq":100,"temperature":22.0}"#.to_vec(),
+        )],
+    )
+    .await;
+    let during_outage = scrape_until(&endpoints, Duration::from_secs(60), |names| {
+        names.contains("telemetry_worker_retries_total")
+    })
+    .await;
+    pgbouncer.start_again().unwrap();
+    assert!(
+        during_outage.contains("telemetry_worker_retries_total"),
+        "the worker counted no retry while PgBouncer was down"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stored_rows(&direct_url).await < 23 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        stored_rows(&direct_url).await,
+        23,
+        "stored after the outage"
+    );
+
+    // Consumer lag comes from librdkafka's statistics, every 5 s.
+    let mut wanted = dashboard_metric_names();
+    if !has_alerts {
+        let alert_metrics: Vec<String> = wanted
+            .iter()
+            .filter(|name| name.starts_with("telemetry_alerts_"))
+            .cloned()
+            .collect();
+        eprintln!(
+            "the worker has no alert settings yet; not checked: {}",
+            alert_metrics.join(", ")
+        );
+        wanted.retain(|name| !name.starts_with("telemetry_alerts_"));
+    }
+    let exported = scrape_until(&endpoints, Duration::from_secs(30), |names| {
+        wanted.is_subset(names)
+    })
+    .await;
+
+    lost_bridge.stop().await;
+    bridge.stop().await;
+    worker.stop().await;
+
+    let missing: Vec<&String> = wanted.difference(&exported).collect();
+    let expressions = dashboard_expressions();
+    let mut report = String::new();
+    for name in &missing {
+        let users: Vec<&str> = expressions
+            .iter()
+            .filter(|(_, expr)| promql_metric_names(expr).contains(*name))
+            .map(|(title, _)| title.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        report.push_str(&format!("\n  {name} (panels: {})", users.join(", ")));
+    }
+    assert!(
+        missing.is_empty(),
+        "the dashboard plots metrics that the worker and bridge do not export:{report}\nexported: {exported:?}"
+    );
+}
+
+#[test]
+fn the_dashboard_json_is_the_one_grafana_mounts() {
+    let compose = deploy_check::yaml("docker-compose.yml").unwrap();
+    let home = compose["services"]["grafana"]["environment"]
+        ["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+        .as_str()
+        .unwrap();
+    assert!(home.ends_with("/telemetry-pipeline.json"));
+    let _: Value = json(DASHBOARD).unwrap();
+}

@@ -1,0 +1,93 @@
+//! Outages of the servers around the bridge, each on a private server so that freezing or
+//! restarting it disturbs no other test: Kafka frozen under load, the MQTT broker restarted
+//! under load. Nothing a device got a PUBACK for may be lost, and the bridge must resume by
+//! itself.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{bridge_config, tally, topics, BridgeProcess, Fleet};
+use telemetry_bridge::metrics::{MESSAGES_FORWARDED, MESSAGES_RECEIVED, MQTT_RECONNECTS};
+use test_servers::{shared, Mosquitto, Tansu};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_broker_frozen_for_ten_seconds_under_load_loses_nothing_and_holds_messages_at_the_mqtt_broker(
+) {
+    let tansu = Tansu::start().expect("private Kafka broker");
+    let kafka = topics(&tansu, 3);
+    let port = shared().mosquitto.port();
+    let mut fleet = Fleet::new(4);
+    let mut config = bridge_config(&kafka, port, vec![fleet.filter()]);
+    config.max_in_flight = 200;
+    let mut bridge = BridgeProcess::start(&config, &[]);
+    bridge.wait_ready().await;
+
+    fleet.start(port, 2000, Duration::from_millis(2));
+    // Freeze once records flow, so that produce requests are on the wire when it stops.
+    let flowing = Instant::now();
+    while bridge.metric(MESSAGES_FORWARDED).await < 500.0 {
+        assert!(
+            flowing.elapsed() < Duration::from_secs(60),
+            "no records reached Kafka"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tansu.pause();
+    let frozen = Instant::now();
+    let mut widest_gap = 0.0f64;
+    while frozen.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let counts = bridge
+            .metrics(&[MESSAGES_RECEIVED, MESSAGES_FORWARDED])
+            .await;
+        widest_gap = widest_gap.max(counts[0] - counts[1]);
+    }
+    let acked_while_frozen = fleet.acked_so_far();
+    tansu.resume();
+    println!(
+        "kafka frozen 10 s: devices had {acked_while_frozen} PUBACKs by the end of it; \
+         the bridge held at most {widest_gap} messages unconfirmed (max_in_flight {})",
+        config.max_in_flight
+    );
+    // The Receive Maximum keeps the broker to `max_in_flight` unacknowledged messages; should a
+    // broker send more, the bridge's own queue stops reading at twice that. Either way the
+    // thousands of messages published during the freeze wait at the broker.
+    assert!(
+        widest_gap <= 2.0 * config.max_in_flight as f64,
+        "the bridge took {widest_gap} messages it could not deliver; the window is {}",
+        config.max_in_flight
+    );
+    let acked = fleet.finish().await;
+
+    let tally = tally(&kafka, &fleet.user, &acked);
+    bridge.terminate();
+    tally.assert_nothing_lost("kafka frozen for 10 s during load");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_reconnects_and_resumes_after_the_mqtt_broker_restarts_under_load() {
+    let mosquitto = Mosquitto::start().expect("private MQTT broker");
+    let kafka = topics(&shared().kafka, 3);
+    let port = mosquitto.port();
+    let mut fleet = Fleet::new(4);
+    let mut bridge = BridgeProcess::start(&bridge_config(&kafka, port, vec![fleet.filter()]), &[]);
+    bridge.wait_ready().await;
+
+    fleet.start(port, 1500, Duration::from_millis(1));
+    fleet.wait_for_acks(2000).await;
+    // A clean stop: Mosquitto saves its sessions, including messages queued for the bridge and
+    // those the bridge had not acknowledged yet.
+    mosquitto.stop();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    mosquitto.start_again().expect("MQTT broker restarts");
+    let acked = fleet.finish().await;
+    bridge.wait_ready().await;
+
+    let tally = tally(&kafka, &fleet.user, &acked);
+    let reconnects = bridge.metric(MQTT_RECONNECTS).await;
+    bridge.terminate();
+    println!("MQTT broker restart: the bridge reconnected after {reconnects} failed polls");
+    assert!(reconnects >= 1.0, "the bridge noticed the restart");
+    tally.assert_nothing_lost("MQTT broker restarted during load");
+}
