@@ -133,7 +133,7 @@ start_mosquitto() {
         echo "pid_file $STACK_DIR/mosquitto.pid"
         [ "$(id -u)" -eq 0 ] && echo "user root"
     } > "$STACK_DIR/mosquitto.conf"
-    mosquitto -d -c "$STACK_DIR/mosquitto.conf"
+    mosquitto -d -c "$STACK_DIR/mosquitto.conf" 2>> "$STACK_DIR/mosquitto.log"
     wait_for Mosquitto port_open "$MQTT_PORT"
 }
 
@@ -167,10 +167,13 @@ start_tansu() {
     forget_offsets
     [ -x "$tansu_bin" ] || { log "tansu not found; run: make deps"; exit 1; }
     log "starting Tansu (Kafka API, memory storage) on 127.0.0.1:$KAFKA_PORT"
-    (cd "$STACK_DIR" && RUST_LOG=warn nohup "$tansu_bin" broker \
+    # exec: the pid file names Tansu itself, and no shell is left holding this script's stdout
+    # open (which would keep a caller reading it, e.g. `make demo | tee`, waiting forever).
+    (cd "$STACK_DIR" && RUST_LOG=warn exec nohup "$tansu_bin" broker \
         --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
         --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-        --storage-engine memory://tansu/ > "$STACK_DIR/tansu.log" 2>&1 & echo $! > "$STACK_DIR/tansu.pid")
+        --storage-engine memory://tansu/) < /dev/null > "$STACK_DIR/tansu.log" 2>&1 &
+    echo $! > "$STACK_DIR/tansu.pid"
     wait_for Tansu port_open "$KAFKA_PORT"
     for topic in iot-stream iot-stream-dlq; do
         local partitions=$PARTITIONS
@@ -197,7 +200,7 @@ start_stage() { # name, args...
     local name=$1; shift
     alive "$STACK_DIR/$name.pid" && return
     log "starting $name"
-    nohup "$BIN_DIR/$name" "$@" > "$STACK_DIR/$name.log" 2>&1 &
+    nohup "$BIN_DIR/$name" "$@" < /dev/null > "$STACK_DIR/$name.log" 2>&1 &
     echo $! > "$STACK_DIR/$name.pid"
 }
 

@@ -74,7 +74,7 @@ struct Args {
     #[arg(long, default_value_t = 1_000)]
     transaction_rows: usize,
     /// Rounds of the write runs; each round runs every side once.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Run only one part.
     #[arg(long)]
@@ -83,6 +83,9 @@ struct Args {
     /// `name=value`; repeat for several. Used to try queue sizes without rebuilding the worker.
     #[arg(long = "worker-property", value_name = "NAME=VALUE", value_parser = property)]
     worker_properties: Vec<(String, String)>,
+    /// Worker processes draining the topic together, in one consumer group (replicas).
+    #[arg(long, default_value_t = 1)]
+    worker_processes: usize,
     /// The psql that runs the baseline.
     #[arg(long, default_value = "/usr/lib/postgresql/15/bin/psql")]
     psql: PathBuf,
@@ -231,8 +234,8 @@ fn main() -> anyhow::Result<()> {
         "--messages, --devices and --partitions must be at least 1"
     );
     ensure!(
-        args.transaction_rows > 0 && args.rounds > 0,
-        "--transaction-rows and --rounds must be at least 1"
+        args.transaction_rows > 0 && args.rounds > 0 && args.worker_processes > 0,
+        "--transaction-rows, --rounds and --worker-processes must be at least 1"
     );
     // Start the servers before the runtime: starting blocks.
     let servers = test_servers::shared();
@@ -241,8 +244,16 @@ fn main() -> anyhow::Result<()> {
     servers.kafka.create_topic(&format!("{topic}_dlq"), 1)?;
     let write_db = test_servers::unique_name("bench_worker_write");
     servers.postgres.create_database(&write_db)?;
-    let drain_db = test_servers::unique_name("bench_worker_drain");
-    servers.postgres.create_database(&drain_db)?;
+    // A fresh database per drain round: the worker starts from nothing each time.
+    let mut drain = Vec::new();
+    for _ in 0..args.rounds {
+        let name = test_servers::unique_name("bench_worker_drain");
+        servers.postgres.create_database(&name)?;
+        drain.push(DrainDatabase {
+            direct: servers.postgres.url(&name),
+            pooled: servers.pgbouncer.url(&name),
+        });
+    }
     let kafka = KafkaConfig {
         brokers: servers.kafka.bootstrap(),
         dlq_topic: format!("{topic}_dlq"),
@@ -252,15 +263,8 @@ fn main() -> anyhow::Result<()> {
     let databases = Databases {
         write_direct: servers.postgres.url(&write_db),
         write_pooled: servers.pgbouncer.url(&write_db),
-        drain_direct: servers.postgres.url(&drain_db),
-        drain_pooled: servers.pgbouncer.url(&drain_db),
+        drain,
     };
-    if std::env::var_os("EXP_CT").is_some() {
-        return tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(bench(args, kafka, databases));
-    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -271,8 +275,13 @@ fn main() -> anyhow::Result<()> {
 struct Databases {
     write_direct: String,
     write_pooled: String,
-    drain_direct: String,
-    drain_pooled: String,
+    drain: Vec<DrainDatabase>,
+}
+
+#[derive(Debug)]
+struct DrainDatabase {
+    direct: String,
+    pooled: String,
 }
 
 async fn bench(args: Args, kafka: KafkaConfig, databases: Databases) -> anyhow::Result<()> {
@@ -326,24 +335,18 @@ enum Writer {
     Sink,
     /// `Sink::store` with `.keep_device_latest(false)`.
     SinkWithoutLatest,
-    ExpCopyPipelined,
-    ExpSinkPipelined,
-    ExpSinkParallel,
-    ExpCopyChunked,
-    ExpParallelPlain,
+    /// Two `Sink::store` loops at once on disjoint partitions (even and odd), each on its own
+    /// connection: what two replicas' write paths do together.
+    SinkTwoWriters,
 }
 
-const WRITERS: [Writer; 10] = [
-    Writer::ExpParallelPlain,
-    Writer::ExpCopyChunked,
-    Writer::ExpSinkParallel,
-    Writer::ExpCopyPipelined,
-    Writer::ExpSinkPipelined,
+const WRITERS: [Writer; 6] = [
     Writer::Psql,
     Writer::BinaryCopyInWriter,
     Writer::WorkerCopy,
     Writer::Sink,
     Writer::SinkWithoutLatest,
+    Writer::SinkTwoWriters,
 ];
 
 impl Writer {
@@ -354,25 +357,57 @@ impl Writer {
             Writer::WorkerCopy => "worker COPY encoder alone",
             Writer::Sink => "Sink::store (worker)",
             Writer::SinkWithoutLatest => "Sink::store, no device_latest",
-            Writer::ExpCopyPipelined => "EXP copy pipelined",
-            Writer::ExpSinkPipelined => "EXP sink pipelined",
-            Writer::ExpSinkParallel => "EXP 2 sinks parallel",
-            Writer::ExpCopyChunked => "EXP encoder, 16k chunks",
-            Writer::ExpParallelPlain => "EXP 2 sinks parallel no latest",
+            Writer::SinkTwoWriters => "Sink::store, 2 writers at once",
         }
     }
 }
 
-/// Rows/s of each writer over all rounds.
+/// What one writer took over all rounds.
+#[derive(Debug, Default, Clone, Copy)]
+struct Measured {
+    elapsed: Duration,
+    /// CPU time of this process and of the children it waited for (psql) during the runs.
+    client_cpu: Duration,
+}
+
 #[derive(Debug)]
 struct WriteFigures {
-    rates: BTreeMap<Writer, f64>,
+    /// Rows stored over all rounds, per writer.
+    rows: usize,
+    measured: BTreeMap<Writer, Measured>,
 }
 
 impl WriteFigures {
     fn rate(&self, writer: Writer) -> f64 {
-        self.rates.get(&writer).copied().unwrap_or(0.0)
+        self.measured
+            .get(&writer)
+            .map_or(0.0, |m| self.rows as f64 / m.elapsed.as_secs_f64())
     }
+
+    fn client_cpu_us_per_row(&self, writer: Writer) -> f64 {
+        self.measured
+            .get(&writer)
+            .map_or(0.0, |m| m.client_cpu.as_secs_f64() * 1e6 / self.rows as f64)
+    }
+}
+
+/// The transactions every writer stores: up to `per_transaction` rows of one partition each,
+/// as the consumer hands them out.
+fn transactions(rows: &[Row], per_transaction: usize) -> Vec<Batch> {
+    rows.chunk_by(|a, b| a.partition == b.partition)
+        .flat_map(|partition| partition.chunks(per_transaction))
+        .map(|chunk| {
+            let mut next_offsets = BTreeMap::new();
+            for row in chunk {
+                next_offsets.insert(row.partition, row.offset + 1);
+            }
+            Batch {
+                rows: chunk.to_vec(),
+                dead: Vec::new(),
+                next_offsets,
+            }
+        })
+        .collect()
 }
 
 async fn write_path(
@@ -391,51 +426,21 @@ async fn write_path(
         ..PostgresConfig::default()
     })?;
     // Everything each side needs is built before its clock starts.
+    let batches = transactions(rows, args.transaction_rows);
     let files = tempfile::tempdir()?;
-    let script = psql_script(files.path(), rows, args.transaction_rows)?;
-    let batches: Vec<Batch> = rows
-        .chunks(args.transaction_rows)
-        .map(|chunk| {
-            let mut next_offsets = BTreeMap::new();
-            for row in chunk {
-                next_offsets.insert(row.partition, row.offset + 1);
-            }
-            Batch {
-                rows: chunk.to_vec(),
-                dead: Vec::new(),
-                next_offsets,
-            }
-        })
-        .collect();
-    let mut pure: Vec<Batch> = Vec::new();
-    {
-        let mut by_p: BTreeMap<i32, Vec<Row>> = BTreeMap::new();
-        for r in rows {
-            by_p.entry(r.partition).or_default().push(r.clone());
-        }
-        for (_, rs) in by_p {
-            for chunk in rs.chunks(args.transaction_rows) {
-                let mut next_offsets = BTreeMap::new();
-                for row in chunk {
-                    next_offsets.insert(row.partition, row.offset + 1);
-                }
-                pure.push(Batch {
-                    rows: chunk.to_vec(),
-                    dead: Vec::new(),
-                    next_offsets,
-                });
-            }
-        }
-    }
-    if std::env::var_os("EXP_FF").is_some() {
-        direct
-            .batch_execute("ALTER TABLE device_latest SET (fillfactor = 50)")
-            .await?;
-    }
-    let payloads: Vec<Box<RawValue>> = rows
+    let script = psql_script(files.path(), &batches)?;
+    let payloads: Vec<Vec<Box<RawValue>>> = batches
         .iter()
-        .map(|row| {
-            RawValue::from_string(String::from_utf8(row.payload.clone())?).map_err(Into::into)
+        .map(|batch| {
+            batch
+                .rows
+                .iter()
+                .map(|row| {
+                    Ok(RawValue::from_string(String::from_utf8(
+                        row.payload.clone(),
+                    )?)?)
+                })
+                .collect::<anyhow::Result<_>>()
         })
         .collect::<anyhow::Result<_>>()?;
     let sink = |keep_latest: bool| -> anyhow::Result<Sink> {
@@ -451,7 +456,7 @@ async fn write_path(
     let (sink_latest, sink_plain) = (sink(true)?, sink(false)?);
     let shutdown = Shutdown::new();
 
-    let mut elapsed: BTreeMap<Writer, Duration> = BTreeMap::new();
+    let mut measured: BTreeMap<Writer, Measured> = BTreeMap::new();
     for round in 1..=args.rounds {
         // Every other round runs backwards, so no side always follows the same one.
         let mut order = WRITERS.to_vec();
@@ -461,48 +466,32 @@ async fn write_path(
         let mut line = format!("round {round}:");
         for writer in order {
             empty_tables(&direct).await?;
+            let cpu_before = process_cpu()?;
             let started = Instant::now();
             match writer {
                 Writer::Psql => run_psql(&args.psql, &databases.write_pooled, &script).await?,
                 Writer::BinaryCopyInWriter => {
-                    binary_copy_in_writer(&pool, rows, &payloads, args.transaction_rows).await?
+                    binary_copy_in_writer(&pool, &batches, &payloads).await?
                 }
-                Writer::WorkerCopy => worker_copy(&pool, rows, args.transaction_rows).await?,
-                Writer::ExpCopyChunked => exp_chunked(&pool, rows, args.transaction_rows).await?,
-                Writer::ExpCopyPipelined => exp_copy(&pool, rows, args.transaction_rows).await?,
-                Writer::ExpSinkPipelined => exp_sink(&pool, &kafka.topic, &batches).await?,
-                Writer::ExpSinkParallel | Writer::ExpParallelPlain => {
-                    let w: i32 = std::env::var("EXP_W")
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(2);
-                    let sa = if writer == Writer::ExpSinkParallel {
-                        &sink_latest
-                    } else {
-                        &sink_plain
-                    };
-                    let sd = &shutdown;
-                    let pure = &pure;
-                    futures::future::try_join_all((0..w).map(|i| async move {
-                        for x in pure.iter().filter(|b| b.rows[0].partition % w == i) {
-                            sa.store(x, sd).await?;
-                        }
-                        Ok::<_, anyhow::Error>(())
-                    }))
-                    .await?;
+                Writer::WorkerCopy => worker_copy(&pool, &batches).await?,
+                Writer::Sink => store_all(&sink_latest, batches.iter(), &shutdown).await?,
+                Writer::SinkWithoutLatest => {
+                    store_all(&sink_plain, batches.iter(), &shutdown).await?
                 }
-                Writer::Sink | Writer::SinkWithoutLatest => {
-                    let sink = if writer == Writer::Sink {
-                        &sink_latest
-                    } else {
-                        &sink_plain
+                Writer::SinkTwoWriters => {
+                    let of = |parity: i32| {
+                        batches
+                            .iter()
+                            .filter(move |batch| batch.rows[0].partition % 2 == parity)
                     };
-                    for batch in &batches {
-                        sink.store(batch, &shutdown).await?;
-                    }
+                    futures::try_join!(
+                        store_all(&sink_latest, of(0), &shutdown),
+                        store_all(&sink_latest, of(1), &shutdown),
+                    )?;
                 }
             }
             let took = started.elapsed();
+            let cpu = process_cpu()?.saturating_sub(cpu_before);
             let stored: i64 = direct
                 .query_one("SELECT count(*) FROM raw_telemetry", &[])
                 .await?
@@ -513,7 +502,9 @@ async fn write_path(
                 writer.label(),
                 rows.len()
             );
-            *elapsed.entry(writer).or_default() += took;
+            let entry = measured.entry(writer).or_default();
+            entry.elapsed += took;
+            entry.client_cpu += cpu;
             let _ = write!(
                 line,
                 " {} {:.0}/s;",
@@ -524,12 +515,21 @@ async fn write_path(
         println!("{}", line.trim_end_matches(';'));
     }
     empty_tables(&direct).await?;
-    let total_rows = (rows.len() * args.rounds) as f64;
-    let rates = elapsed
-        .into_iter()
-        .map(|(writer, took)| (writer, total_rows / took.as_secs_f64()))
-        .collect();
-    Ok(WriteFigures { rates })
+    Ok(WriteFigures {
+        rows: rows.len() * args.rounds,
+        measured,
+    })
+}
+
+async fn store_all(
+    sink: &Sink,
+    batches: impl Iterator<Item = &Batch>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    for batch in batches {
+        sink.store(batch, shutdown).await?;
+    }
+    Ok(())
 }
 
 /// Every side starts from empty tables, and from a checkpoint, so that none pays for the
@@ -541,17 +541,39 @@ async fn empty_tables(direct: &tokio_postgres::Client) -> anyhow::Result<()> {
         .context("cannot empty the tables between runs")
 }
 
+/// CPU time (user and system) of this process plus the children it has waited for, from
+/// `/proc/self/stat`, in clock ticks of 10 ms (Linux's USER_HZ).
+fn process_cpu() -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // The fields after the command name, which is in parentheses and may hold spaces: state is
+    // field 3, utime 14, stime 15, cutime 16, cstime 17.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("no ')' in /proc/self/stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let mut ticks = 0u64;
+    for field in 14..=17 {
+        ticks += fields
+            .get(field - 3)
+            .context("/proc/self/stat is too short")?
+            .parse::<u64>()?;
+    }
+    Ok(Duration::from_millis(ticks * 10))
+}
+
 const COLUMNS: &str =
     "device_time, received_at, user_id, device_id, seq, payload, kafka_partition, kafka_offset";
 
-/// Writes the rows as one text-format file per transaction and a psql script that copies each
-/// in its own transaction; returns the script's path.
-fn psql_script(dir: &Path, rows: &[Row], per_transaction: usize) -> anyhow::Result<PathBuf> {
+/// Writes each transaction's rows as a text-format file and a psql script that copies each in
+/// its own transaction; returns the script's path.
+fn psql_script(dir: &Path, batches: &[Batch]) -> anyhow::Result<PathBuf> {
     let mut script = String::new();
-    for (i, chunk) in rows.chunks(per_transaction).enumerate() {
+    for (i, batch) in batches.iter().enumerate() {
         let path = dir.join(format!("rows-{i:05}.txt"));
-        let mut text = String::with_capacity(chunk.len() * 200);
-        for row in chunk {
+        let mut text = String::with_capacity(batch.rows.len() * 200);
+        for row in &batch.rows {
             let _ = writeln!(
                 text,
                 "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
@@ -615,9 +637,8 @@ async fn run_psql(psql: &Path, url: &str, script: &Path) -> anyhow::Result<()> {
 
 async fn binary_copy_in_writer(
     pool: &Pool,
-    rows: &[Row],
-    payloads: &[Box<RawValue>],
-    per_transaction: usize,
+    batches: &[Batch],
+    payloads: &[Vec<Box<RawValue>>],
 ) -> anyhow::Result<()> {
     let types = [
         Type::TIMESTAMPTZ,
@@ -630,15 +651,12 @@ async fn binary_copy_in_writer(
         Type::INT8,
     ];
     let mut client = pool.get().await?;
-    for (chunk, payloads) in rows
-        .chunks(per_transaction)
-        .zip(payloads.chunks(per_transaction))
-    {
+    for (batch, payloads) in batches.iter().zip(payloads) {
         let tx = client.transaction().await?;
         let sink = tx.copy_in(copy::COPY_RAW_TELEMETRY).await?;
         let writer = BinaryCopyInWriter::new(sink, &types);
         let mut writer = std::pin::pin!(writer);
-        for (row, payload) in chunk.iter().zip(payloads) {
+        for (row, payload) in batch.rows.iter().zip(payloads) {
             let payload = Json(payload.as_ref());
             let values: [&(dyn ToSql + Sync); 8] = [
                 &row.device_time,
@@ -658,150 +676,16 @@ async fn binary_copy_in_writer(
     Ok(())
 }
 
-async fn worker_copy(pool: &Pool, rows: &[Row], per_transaction: usize) -> anyhow::Result<()> {
+/// What `Sink::store` does for COPY, without the rest of its transaction.
+async fn worker_copy(pool: &Pool, batches: &[Batch]) -> anyhow::Result<()> {
     let mut client = pool.get().await?;
-    for chunk in rows.chunks(per_transaction) {
-        let tx = client.transaction().await?;
-        let sink = tx.copy_in::<_, Bytes>(copy::COPY_RAW_TELEMETRY).await?;
-        let mut sink = std::pin::pin!(sink);
-        sink.send(copy::encode(chunk)).await?;
-        sink.as_mut().finish().await?;
-        tx.commit().await?;
-    }
-    Ok(())
-}
-
-async fn exp_chunked(pool: &Pool, rows: &[Row], per_transaction: usize) -> anyhow::Result<()> {
-    let mut client = pool.get().await?;
-    for chunk in rows.chunks(per_transaction) {
-        let tx = client.transaction().await?;
-        let sink = tx.copy_in::<_, Bytes>(copy::COPY_RAW_TELEMETRY).await?;
-        let mut sink = std::pin::pin!(sink);
-        let buf = copy::encode(chunk);
-        let mut at = 0;
-        while at < buf.len() {
-            let end = (at + 16384).min(buf.len());
-            sink.feed(buf.slice(at..end)).await?;
-            at = end;
-        }
-        sink.flush().await?;
-        sink.as_mut().finish().await?;
-        tx.commit().await?;
-    }
-    Ok(())
-}
-
-async fn exp_copy(pool: &Pool, rows: &[Row], per_transaction: usize) -> anyhow::Result<()> {
-    let client = pool.get().await?;
-    for chunk in rows.chunks(per_transaction) {
-        let (_, stmt) = futures::try_join!(
-            client.batch_execute("BEGIN"),
-            client.prepare(copy::COPY_RAW_TELEMETRY)
-        )?;
-        let sink = client.copy_in::<_, Bytes>(&stmt).await?;
-        let mut sink = std::pin::pin!(sink);
-        sink.send(copy::encode(chunk)).await?;
-        sink.as_mut().finish().await?;
-        client.batch_execute("COMMIT").await?;
-    }
-    Ok(())
-}
-
-async fn exp_sink(pool: &Pool, topic: &str, batches: &[Batch]) -> anyhow::Result<()> {
-    let client = pool.get().await?;
     for batch in batches {
-        let partitions: Vec<i32> = batch.next_offsets.keys().copied().collect();
-        let offsets: Vec<i64> = batch.next_offsets.values().copied().collect();
-        let params: [(&(dyn ToSql + Sync), Type); 2] =
-            [(&topic, Type::TEXT), (&partitions, Type::INT4_ARRAY)];
-        let (_, _, locked, _, stmt) = futures::try_join!(
-            client.batch_execute("BEGIN"),
-            client.query_typed(
-                "INSERT INTO ingest_offsets (topic, kafka_partition, next_offset)
-                 SELECT $1, p, 0 FROM unnest($2::int4[]) AS p ORDER BY p
-                 ON CONFLICT DO NOTHING",
-                &params,
-            ),
-            client.query_typed(
-                "SELECT kafka_partition, next_offset, replay_from, replay_to FROM ingest_offsets
-                 WHERE topic = $1 AND kafka_partition = ANY($2) ORDER BY kafka_partition FOR UPDATE",
-                &params,
-            ),
-            client.batch_execute("SAVEPOINT copy_rows"),
-            client.prepare(copy::COPY_RAW_TELEMETRY),
-        )?;
-        ensure!(!locked.is_empty());
-        let sink = client.copy_in::<_, Bytes>(&stmt).await?;
+        let tx = client.transaction().await?;
+        let sink = tx.copy_in::<_, Bytes>(copy::COPY_RAW_TELEMETRY).await?;
         let mut sink = std::pin::pin!(sink);
         sink.send(copy::encode(&batch.rows)).await?;
         sink.as_mut().finish().await?;
-        let mut newest: std::collections::HashMap<&contract::DeviceId, &Row> =
-            std::collections::HashMap::new();
-        for row in &batch.rows {
-            let entry = newest.entry(&row.device).or_insert(row);
-            if (row.received_at, row.offset) >= (entry.received_at, entry.offset) {
-                *entry = row;
-            }
-        }
-        let mut lrows: Vec<&Row> = newest.into_values().collect();
-        lrows.sort_by(|a, b| a.device.cmp(&b.device));
-        let users: Vec<&str> = lrows.iter().map(|r| r.device.user.as_str()).collect();
-        let devices: Vec<&str> = lrows.iter().map(|r| r.device.device.as_str()).collect();
-        let received: Vec<DateTime<Utc>> = lrows.iter().map(|r| r.received_at).collect();
-        let device_times: Vec<Option<DateTime<Utc>>> =
-            lrows.iter().map(|r| r.device_time).collect();
-        let seqs: Vec<Option<i64>> = lrows.iter().map(|r| r.seq).collect();
-        let payloads: Vec<&str> = lrows
-            .iter()
-            .map(|r| std::str::from_utf8(&r.payload).unwrap())
-            .collect();
-        let lparts: Vec<i32> = lrows.iter().map(|r| r.partition).collect();
-        let loffs: Vec<i64> = lrows.iter().map(|r| r.offset).collect();
-        let lp: [(&(dyn ToSql + Sync), Type); 8] = [
-            (&users, Type::TEXT_ARRAY),
-            (&devices, Type::TEXT_ARRAY),
-            (&received, Type::TIMESTAMPTZ_ARRAY),
-            (&device_times, Type::TIMESTAMPTZ_ARRAY),
-            (&seqs, Type::INT8_ARRAY),
-            (&payloads, Type::TEXT_ARRAY),
-            (&lparts, Type::INT4_ARRAY),
-            (&loffs, Type::INT8_ARRAY),
-        ];
-        let ap: [(&(dyn ToSql + Sync), Type); 3] = [
-            (&topic, Type::TEXT),
-            (&partitions, Type::INT4_ARRAY),
-            (&offsets, Type::INT8_ARRAY),
-        ];
-        futures::try_join!(
-            client.batch_execute("RELEASE SAVEPOINT copy_rows"),
-            client.query_typed(
-                "INSERT INTO device_latest AS l (user_id, device_id, received_at, device_time, seq,
-                                         payload, kafka_partition, kafka_offset)
-         SELECT u, d, r, t, s, p::jsonb, kp, ko
-         FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::int8[],
-                     $6::text[], $7::int4[], $8::int8[]) AS v(u, d, r, t, s, p, kp, ko)
-         ON CONFLICT (user_id, device_id) DO UPDATE
-         SET received_at = EXCLUDED.received_at, device_time = EXCLUDED.device_time,
-             seq = EXCLUDED.seq, payload = EXCLUDED.payload,
-             kafka_partition = EXCLUDED.kafka_partition, kafka_offset = EXCLUDED.kafka_offset,
-             updated_at = now()
-         WHERE (l.received_at, l.kafka_offset) <= (EXCLUDED.received_at, EXCLUDED.kafka_offset)",
-                &lp,
-            ),
-            client.query_typed(
-                "UPDATE ingest_offsets AS o
-         SET next_offset = GREATEST(o.next_offset, v.next),
-             replay_from = CASE WHEN GREATEST(o.replay_from, v.next) < o.replay_to
-                                THEN GREATEST(o.replay_from, v.next) END,
-             replay_to   = CASE WHEN GREATEST(o.replay_from, v.next) < o.replay_to
-                                THEN o.replay_to END,
-             updated_at = now()
-         FROM unnest($2::int4[], $3::int8[]) AS v(p, next)
-         WHERE o.topic = $1 AND o.kafka_partition = v.p",
-                &ap,
-            ),
-            client.batch_execute("COMMIT"),
-        )?;
+        tx.commit().await?;
     }
     Ok(())
 }
@@ -809,7 +693,7 @@ async fn exp_sink(pool: &Pool, topic: &str, batches: &[Batch]) -> anyhow::Result
 // ---------------------------------------------------------------------------------------------
 // (b) The drain.
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct DrainRun {
     /// From the consumer's creation (or the process's start) to the last record.
     wall: Duration,
@@ -820,12 +704,19 @@ struct DrainRun {
 }
 
 impl DrainRun {
+    fn add(&mut self, other: &DrainRun) {
+        self.wall += other.wall;
+        self.window += other.window;
+        self.in_window += other.in_window;
+    }
+
     fn rate(&self) -> f64 {
         self.in_window as f64 / self.window.as_secs_f64()
     }
 }
 
-#[derive(Debug)]
+/// Sums over all drain rounds; the highest peak RSS of any round.
+#[derive(Debug, Default)]
 struct DrainFigures {
     baseline: DrainRun,
     worker: DrainRun,
@@ -838,28 +729,27 @@ async fn drain(
     databases: &Databases,
     ends: &BTreeMap<i32, i64>,
 ) -> anyhow::Result<DrainFigures> {
-    let baseline = discard_all(kafka, args.messages).await?;
-    println!(
-        "consume-and-discard: {:.0} msgs/s ({} in {:.2} s after the first; {:.2} s from start)",
-        baseline.rate(),
-        baseline.in_window,
-        baseline.window.as_secs_f64(),
-        baseline.wall.as_secs_f64()
-    );
-    let (worker, peak_rss_kb) = worker_drain(args, kafka, databases, ends).await?;
-    println!(
-        "telemetry-worker:    {:.0} rows/s ({} in {:.2} s after the first batch; {:.2} s from start), peak RSS {:.1} MB",
-        worker.rate(),
-        worker.in_window,
-        worker.window.as_secs_f64(),
-        worker.wall.as_secs_f64(),
-        peak_rss_kb as f64 / 1024.0
-    );
-    Ok(DrainFigures {
-        baseline,
-        worker,
-        peak_rss_kb,
-    })
+    let mut figures = DrainFigures::default();
+    for (round, database) in (1..).zip(&databases.drain) {
+        let baseline = discard_all(kafka, args.messages).await?;
+        let (worker, peak_rss_kb) = worker_drain(args, kafka, database, ends).await?;
+        println!(
+            "drain round {round}: consume-and-discard {:.0} msgs/s ({:.2} s after the first, \
+             {:.2} s from start); telemetry-worker {:.0} rows/s ({:.2} s after the first batch, \
+             {:.2} s from start), peak RSS {:.1} MB",
+            baseline.rate(),
+            baseline.window.as_secs_f64(),
+            baseline.wall.as_secs_f64(),
+            worker.rate(),
+            worker.window.as_secs_f64(),
+            worker.wall.as_secs_f64(),
+            peak_rss_kb as f64 / 1024.0
+        );
+        figures.baseline.add(&baseline);
+        figures.worker.add(&worker);
+        figures.peak_rss_kb = figures.peak_rss_kb.max(peak_rss_kb);
+    }
+    Ok(figures)
 }
 
 /// The baseline: a plain consumer in a fresh group, from the earliest offset, that drops every
@@ -900,7 +790,7 @@ async fn discard_all(kafka: &KafkaConfig, count: usize) -> anyhow::Result<DrainR
 async fn worker_drain(
     args: &Args,
     kafka: &KafkaConfig,
-    databases: &Databases,
+    database: &DrainDatabase,
     ends: &BTreeMap<i32, i64>,
 ) -> anyhow::Result<(DrainRun, u64)> {
     let binary = match &args.worker_bin {
@@ -916,47 +806,53 @@ async fn worker_drain(
         binary.display()
     );
     let logs = test_servers::log_dir();
-    let name = test_servers::unique_name("bench_worker");
-    let config = logs.join(format!("{name}.toml"));
+    let group = test_servers::unique_name("bench_worker");
+    let config = logs.join(format!("{group}.toml"));
     let mut toml = String::from("[kafka.properties]\n");
     for (property, value) in &args.worker_properties {
         let _ = writeln!(toml, "{property:?} = {value:?}");
     }
     std::fs::write(&config, toml)?;
-    let log = logs.join(format!("{name}.log"));
     let expected: i64 = ends.values().sum();
-    let direct = connect(&databases.drain_direct).await?;
+    let direct = connect(&database.direct).await?;
 
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(&binary)
-        .arg("--config")
-        .arg(&config)
-        .args(["--brokers", &kafka.brokers])
-        .args(["--topic", &kafka.topic])
-        .args(["--dlq-topic", &kafka.dlq_topic])
-        .args(["--group-id", &name])
-        .args(["--database-url", &databases.drain_pooled])
-        .args(["--http-listen", &free_addr()?])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {}", binary.display()))?;
-    let pid = child.id().context("the worker exited at once")?;
+    let mut workers = Vec::new();
+    for replica in 0..args.worker_processes {
+        let log = logs.join(format!("{group}_{replica}.log"));
+        let child = tokio::process::Command::new(&binary)
+            .arg("--config")
+            .arg(&config)
+            .args(["--brokers", &kafka.brokers])
+            .args(["--topic", &kafka.topic])
+            .args(["--dlq-topic", &kafka.dlq_topic])
+            .args(["--group-id", &group])
+            .args(["--database-url", &database.pooled])
+            .args(["--http-listen", &free_addr()?])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let pid = child.id().context("the worker exited at once")?;
+        workers.push((child, pid, log));
+    }
     let deadline = started + Duration::from_secs(120 + args.messages as u64 / 1_000);
     let mut first: Option<(Instant, i64)> = None;
     let last = loop {
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "the worker exited ({status}) before storing everything; its log: {}",
-                tail(&log)
-            );
+        for (child, _, log) in &mut workers {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "a worker exited ({status}) before storing everything; its log: {}",
+                    tail(log)
+                );
+            }
         }
         ensure!(
             Instant::now() < deadline,
-            "the worker did not store {expected} records in time; its log: {}",
-            tail(&log)
+            "the workers did not store {expected} records in time; a log: {}",
+            tail(&workers[0].2)
         );
         // Until the worker has migrated the table does not exist: nothing is stored.
         let stored: i64 = match direct
@@ -978,19 +874,24 @@ async fn worker_drain(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let peak_rss_kb = peak_rss_kb(pid).context("cannot read the worker's VmHWM")?;
-    let stop = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await?;
-    ensure!(stop.success(), "cannot send SIGTERM to the worker ({pid})");
-    match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
-        Ok(status) => ensure!(
-            status?.success(),
-            "the worker failed on SIGTERM; its log: {}",
-            tail(&log)
-        ),
-        Err(_) => bail!("the worker did not stop within 30 s of SIGTERM"),
+    let mut peak_rss = 0;
+    for (_, pid, _) in &workers {
+        peak_rss = peak_rss.max(peak_rss_kb(*pid).context("cannot read a worker's VmHWM")?);
+    }
+    for (mut child, pid, log) in workers {
+        let stop = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await?;
+        ensure!(stop.success(), "cannot send SIGTERM to the worker ({pid})");
+        match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
+            Ok(status) => ensure!(
+                status?.success(),
+                "a worker failed on SIGTERM; its log: {}",
+                tail(&log)
+            ),
+            Err(_) => bail!("a worker did not stop within 30 s of SIGTERM"),
+        }
     }
     let rows: i64 = direct
         .query_one("SELECT count(*) FROM raw_telemetry", &[])
@@ -998,7 +899,7 @@ async fn worker_drain(
         .get(0);
     ensure!(
         rows == args.messages as i64,
-        "the worker stored {rows} rows for {} messages",
+        "the workers stored {rows} rows for {} messages",
         args.messages
     );
     let (first_at, first_stored) = first.unwrap_or((last, 0));
@@ -1008,7 +909,7 @@ async fn worker_drain(
             window: last - first_at,
             in_window: (expected - first_stored) as u64,
         },
-        peak_rss_kb,
+        peak_rss,
     ))
 }
 
@@ -1059,25 +960,41 @@ fn report(args: &Args, write: Option<&WriteFigures>, drain: Option<&DrainFigures
     let (mut rows_per_s, mut peak_rss_mb) = (Value::Null, Value::Null);
     let mut extra: Vec<(&str, Value)> = Vec::new();
     if let Some(write) = write {
-        let sink = write.rate(Writer::Sink);
-        let plain = write.rate(Writer::SinkWithoutLatest);
-        let psql = write.rate(Writer::Psql);
-        let bcw = write.rate(Writer::BinaryCopyInWriter);
-        let encoder = write.rate(Writer::WorkerCopy);
-        println!(
-            "write path, {} rows in {}-row transactions, {} round(s):",
-            args.messages, args.transaction_rows, args.rounds
+        let rate = |writer| write.rate(writer);
+        let cpu = |writer| round2(write.client_cpu_us_per_row(writer));
+        let (sink, plain, two) = (
+            rate(Writer::Sink),
+            rate(Writer::SinkWithoutLatest),
+            rate(Writer::SinkTwoWriters),
         );
-        for (writer, rate) in &write.rates {
-            println!("  {:<32} {rate:>9.0} rows/s", writer.label());
-        }
+        let (psql, bcw, encoder) = (
+            rate(Writer::Psql),
+            rate(Writer::BinaryCopyInWriter),
+            rate(Writer::WorkerCopy),
+        );
         let latest_cost = (1.0 - sink / plain) * 100.0;
         println!(
+            "write path, {} rows in transactions of up to {} rows of one partition, {} round(s):",
+            args.messages, args.transaction_rows, args.rounds
+        );
+        println!("  {:<32} {:>9}  client CPU", "", "rows/s");
+        for writer in WRITERS {
+            println!(
+                "  {:<32} {:>9.0}  {:.2} us/row",
+                writer.label(),
+                write.rate(writer),
+                write.client_cpu_us_per_row(writer)
+            );
+        }
+        println!(
             "  copy_ratio {:.2} (target >= 1.0); Sink::store / BinaryCopyInWriter {:.2}; \
-             encoder / BinaryCopyInWriter {:.2}; device_latest costs {latest_cost:.1}%",
+             encoder alone / BinaryCopyInWriter {:.2}, / psql {:.2}; device_latest costs \
+             {latest_cost:.1}%; 2 writers / psql {:.2}",
             sink / psql,
             sink / bcw,
-            encoder / bcw
+            encoder / bcw,
+            encoder / psql,
+            two / psql,
         );
         copy_ratio = round2(sink / psql);
         rows_per_s = whole(sink);
@@ -1085,16 +1002,35 @@ fn report(args: &Args, write: Option<&WriteFigures>, drain: Option<&DrainFigures
             ("psql_copy_rows_per_s", whole(psql)),
             ("binary_copy_in_writer_rows_per_s", whole(bcw)),
             ("binary_writer_ratio", round2(sink / bcw)),
-            ("worker_copy_only_rows_per_s", whole(encoder)),
-            ("copy_only_vs_binary_writer", round2(encoder / bcw)),
+            ("worker_copy_rows_per_s", whole(encoder)),
+            ("worker_copy_vs_binary_writer", round2(encoder / bcw)),
+            ("worker_copy_vs_psql", round2(encoder / psql)),
             ("without_device_latest_rows_per_s", whole(plain)),
             ("device_latest_cost_pct", round2(latest_cost)),
+            ("two_writers_rows_per_s", whole(two)),
+            ("two_writers_copy_ratio", round2(two / psql)),
+            ("psql_cpu_us_per_row", cpu(Writer::Psql)),
+            (
+                "binary_writer_cpu_us_per_row",
+                cpu(Writer::BinaryCopyInWriter),
+            ),
+            ("worker_copy_cpu_us_per_row", cpu(Writer::WorkerCopy)),
+            ("sink_cpu_us_per_row", cpu(Writer::Sink)),
         ]);
     }
     if let Some(drain) = drain {
         let ratio = drain.worker.rate() / drain.baseline.rate();
+        let per_round = |run: &DrainRun| round2(run.wall.as_secs_f64() / args.rounds as f64);
         println!(
-            "drain_ratio {ratio:.2} (target >= 0.8); peak RSS {:.1} MB (target <= 64)",
+            "drain of {} messages, {} round(s): telemetry-worker {:.0} rows/s, \
+             consume-and-discard {:.0} msgs/s",
+            args.messages,
+            args.rounds,
+            drain.worker.rate(),
+            drain.baseline.rate()
+        );
+        println!(
+            "  drain_ratio {ratio:.2} (target >= 0.8); worker peak RSS {:.1} MB (target <= 64)",
             drain.peak_rss_kb as f64 / 1024.0
         );
         drain_ratio = round2(ratio);
@@ -1102,11 +1038,8 @@ fn report(args: &Args, write: Option<&WriteFigures>, drain: Option<&DrainFigures
         extra.extend([
             ("drain_rows_per_s", whole(drain.worker.rate())),
             ("baseline_drain_msgs_per_s", whole(drain.baseline.rate())),
-            ("drain_wall_s", round2(drain.worker.wall.as_secs_f64())),
-            (
-                "baseline_drain_wall_s",
-                round2(drain.baseline.wall.as_secs_f64()),
-            ),
+            ("drain_wall_s", per_round(&drain.worker)),
+            ("baseline_drain_wall_s", per_round(&drain.baseline)),
         ]);
     }
     fields.extend([
@@ -1122,6 +1055,7 @@ fn report(args: &Args, write: Option<&WriteFigures>, drain: Option<&DrainFigures
         ("partitions", args.partitions.into()),
         ("transaction_rows", args.transaction_rows.into()),
         ("rounds", args.rounds.into()),
+        ("worker_processes", args.worker_processes.into()),
         ("target_copy_ratio", 1.0.into()),
         ("target_drain_ratio", 0.8.into()),
         ("target_peak_rss_mb", 64.into()),

@@ -28,6 +28,7 @@ pub mod mqtt;
 pub mod route;
 pub mod schema;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -132,12 +133,15 @@ pub async fn run(config: BridgeConfig, shutdown: Shutdown) -> Result<(), BridgeE
 
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut result = Ok(());
+    // One shutdown future for the whole loop, rather than one per event.
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
     // Subscriptions of the current connection not yet confirmed by a SUBACK.
     let mut unsubscribed = usize::MAX;
     while !shutdown.is_triggered() {
         let event = tokio::select! {
             biased;
-            _ = shutdown.wait() => break,
+            _ = &mut stop => break,
             event = eventloop.poll() => event,
         };
         match event {
@@ -272,19 +276,27 @@ async fn acknowledge_in_order(
     while let Some(message) = acks.recv().await {
         metrics::in_flight(acks.len() + 1);
         let mut delivery = message.delivery;
-        let report = loop {
-            match tokio::time::timeout(KAFKA_STALL, &mut delivery).await {
-                Ok(report) => break report,
-                Err(_) if kafka_ready => {
-                    kafka_ready = false;
-                    health.set("kafka", false);
-                    tracing::warn!(
-                        waited_s = KAFKA_STALL.as_secs(),
-                        "kafka has not confirmed a record; holding further MQTT messages at the broker"
-                    );
+        // Most reports are in by now: take them without arming a timer.
+        let ready = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::pin::Pin::new(&mut delivery).poll(cx))
+        })
+        .await;
+        let report = match ready {
+            std::task::Poll::Ready(report) => report,
+            std::task::Poll::Pending => loop {
+                match tokio::time::timeout(KAFKA_STALL, &mut delivery).await {
+                    Ok(report) => break report,
+                    Err(_) if kafka_ready => {
+                        kafka_ready = false;
+                        health.set("kafka", false);
+                        tracing::warn!(
+                            waited_s = KAFKA_STALL.as_secs(),
+                            "kafka has not confirmed a record; holding further MQTT messages at the broker"
+                        );
+                    }
+                    Err(_) => {}
                 }
-                Err(_) => {}
-            }
+            },
         };
         match report {
             Ok(Ok(_)) => {
