@@ -133,12 +133,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         kafka: kafka.clone(),
         ..BridgeConfig::default()
     };
-    if let Ok(props) = std::env::var("BENCH_PROPS") {
-        for kv in props.split(',') {
-            let (k, v) = kv.split_once('=').unwrap();
-            config.kafka.properties.insert(k.into(), v.into());
-        }
-    }
     if let Some(window) = args.max_in_flight {
         config.max_in_flight = window;
     }
@@ -233,12 +227,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .produce(&direct_topic, args.clients, count, Some(rate))
         .await?;
     let kafka_latency = reader.finish().await?;
-    if std::env::var_os("BENCH_HOP").is_some() {
-        let m = bridge.http_get("/metrics").await.unwrap_or_default();
-        for l in m.lines().filter(|l| l.contains("delivery_seconds")) {
-            eprintln!("{l}");
-        }
-    }
     let peak_rss_mb = bridge.peak_rss_mb()?;
     bridge.stop()?;
 
@@ -730,26 +718,7 @@ impl Reader {
                             let _ = tx.send(());
                         }
                     }
-                    sent => {
-                        latencies.push(read_at.saturating_sub(sent) as f64 / 1000.0);
-                        if std::env::var_os("BENCH_HOP").is_some() {
-                            use rdkafka::message::Headers;
-                            if let Some(h) = message
-                                .headers()
-                                .and_then(|h| h.iter().find(|h| h.key == "received_at_ms"))
-                            {
-                                let ms: u64 = std::str::from_utf8(h.value.unwrap_or_default())
-                                    .unwrap_or("0")
-                                    .parse()
-                                    .unwrap_or(0);
-                                eprintln!(
-                                    "HOP {} {}",
-                                    (ms * 1000).saturating_sub(sent) as f64 / 1000.0,
-                                    read_at.saturating_sub(ms * 1000) as f64 / 1000.0
-                                );
-                            }
-                        }
-                    }
+                    sent => latencies.push(read_at.saturating_sub(sent) as f64 / 1000.0),
                 }
             }
             Ok(latencies)

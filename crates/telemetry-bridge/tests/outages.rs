@@ -50,13 +50,15 @@ async fn a_kafka_broker_frozen_for_ten_seconds_under_load_loses_nothing_and_hold
          the bridge held at most {widest_gap} messages unconfirmed (max_in_flight {})",
         config.max_in_flight
     );
-    // The Receive Maximum keeps the broker to `max_in_flight` unacknowledged messages; should a
-    // broker send more, the bridge's own queue stops reading at twice that. Either way the
-    // thousands of messages published during the freeze wait at the broker.
+    // The Receive Maximum asks the broker for at most `max_in_flight` unacknowledged messages.
+    // Mosquitto 2.0.11 sends more after a stall, so the bridge's own bound is what holds: its
+    // in-flight queue (twice the window), one message waiting to enter it and one the
+    // acknowledger waits on. Either way the thousands published during the freeze wait at the
+    // broker, not in the bridge.
+    let bound = 2 * config.max_in_flight + 2;
     assert!(
-        widest_gap <= 2.0 * config.max_in_flight as f64,
-        "the bridge took {widest_gap} messages it could not deliver; the window is {}",
-        config.max_in_flight
+        widest_gap <= bound as f64,
+        "the bridge took {widest_gap} messages it could not deliver; its bound is {bound}"
     );
     let acked = fleet.finish().await;
 

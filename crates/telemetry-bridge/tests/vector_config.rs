@@ -14,7 +14,33 @@ use toml::Value;
 fn vector_config() -> Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../vector/vector.toml");
     let text = std::fs::read_to_string(path).expect("vector/vector.toml exists");
-    toml::from_str(&text).expect("vector/vector.toml is valid TOML")
+    toml::from_str(&interpolate_defaults(&text)).expect("vector/vector.toml is valid TOML")
+}
+
+/// What Vector makes of `${VAR:-default}` and `${VAR}` when none of the variables is set: the
+/// default, or nothing.
+fn interpolate_defaults(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').expect("an unclosed ${") + start;
+        let inside = &rest[start + 2..end];
+        if let Some((_, default)) = inside.split_once(":-") {
+            out.push_str(default);
+        }
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn interpolation_keeps_defaults_and_drops_unset_variables() {
+    assert_eq!(
+        interpolate_defaults(r#"a = "${X:-b:9}" c = "${Y}""#),
+        r#"a = "b:9" c = """#
+    );
 }
 
 /// The one component of `kind` ("sources", "transforms", "sinks") with `type`.
@@ -89,6 +115,11 @@ fn vector_subscribes_to_the_device_telemetry_on_emqx_with_a_stable_session() {
     assert!(
         !str_of(mqtt, "client_id").is_empty(),
         "a stable client id keeps the session"
+    );
+    assert_eq!(
+        str_of(mqtt, "password"),
+        "",
+        "the password comes from the environment only"
     );
     assert_eq!(
         str_of(&mqtt["decoding"], "codec"),
