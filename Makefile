@@ -2,7 +2,7 @@
 #   make demo   install what is missing, start the local stack, drive a short load, and print
 #               messages published vs rows stored (the stack keeps running; `make down` stops it)
 #   make test   install what is missing, check formatting and lints, run every test
-.PHONY: deps build demo up down status test fmt clippy bench-api bench-e2e bench-alerts bench-bridge
+.PHONY: deps build demo up down status test fmt clippy bench-api bench-e2e bench-alerts bench-bridge bench-worker
 
 CARGO ?= cargo
 
@@ -55,3 +55,10 @@ bench-alerts: deps
 bench-bridge:
 	$(CARGO) build --release -p telemetry-bridge
 	$(CARGO) run --release -p benchmarks --bin bench_bridge
+
+# The worker's write path (Sink::store) vs psql \copy through the same PgBouncer, and its drain of
+# a filled topic vs a consume-and-discard consumer, with its peak RSS (one JSON line last).
+# Quicker: make bench-worker BENCH_WORKER_ARGS="--messages 20000 --rounds 1"
+bench-worker:
+	$(CARGO) build --release -p telemetry-worker -p benchmarks
+	$(CARGO) run --release -p benchmarks --bin bench_worker -- $(BENCH_WORKER_ARGS)
