@@ -10,7 +10,7 @@ deps:
 	scripts/install-deps.sh
 
 build:
-	$(CARGO) build --release -p telemetry-worker -p telemetry-bridge -p load-tester
+	$(CARGO) build --release -p telemetry-worker -p telemetry-bridge -p telemetry-api -p load-tester
 
 up: deps build
 	scripts/stack.sh up

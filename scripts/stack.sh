@@ -10,6 +10,9 @@
 #   scripts/stack.sh users PREFIX COUNT   add MQTT logins PREFIX1..PREFIXCOUNT, each with the
 #                                         password secret-<user> (the load-tester's
 #                                         --mqtt-credentials-per-user '{user}:secret-{user}')
+#   scripts/stack.sh fresh-kafka          restart Tansu with empty topics, and the worker, the
+#                                         bridge and the API that use it (benchmarks do, so that
+#                                         records of earlier runs do not slow Tansu down)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,6 +26,8 @@ BRIDGE_HTTP=${BRIDGE_HTTP:-127.0.0.1:9102}
 API_HTTP=${API_HTTP:-127.0.0.1:9103}
 API_LISTEN=${API_LISTEN:-127.0.0.1:8081}
 PARTITIONS=${PARTITIONS:-12}
+# Empty: the worker's default (batch.max_wait_ms, 100 ms). Lower trades larger batches for latency.
+WORKER_BATCH_MAX_WAIT_MS=${WORKER_BATCH_MAX_WAIT_MS:-}
 BIN_DIR=${BIN_DIR:-$here/target/release}
 DATABASE=telemetry
 
@@ -229,12 +234,15 @@ up() {
     start_mosquitto
     start_tansu
     local brokers="127.0.0.1:$KAFKA_PORT"
+    local batch_wait=()
+    [ -z "$WORKER_BATCH_MAX_WAIT_MS" ] || batch_wait=(--batch-max-wait-ms "$WORKER_BATCH_MAX_WAIT_MS")
     TELEMETRY_WORKER_ALERTS__OUTBOX__MQTT__USERNAME=telemetry-worker \
     TELEMETRY_WORKER_ALERTS__OUTBOX__MQTT__PASSWORD=telemetry-worker \
         start_stage telemetry-worker --brokers "$brokers" --http-listen "$WORKER_HTTP" \
         --database-url "postgres://postgres@127.0.0.1:$PGBOUNCER_PORT/$DATABASE" \
         --alert-rules "$here/deploy/alerts/rules.toml" --alerts-mqtt-host 127.0.0.1 \
-        --alerts-mqtt-port "$MQTT_PORT" --alerts-mqtt-client-id telemetry-worker-alerts-local
+        --alerts-mqtt-port "$MQTT_PORT" --alerts-mqtt-client-id telemetry-worker-alerts-local \
+        ${batch_wait[@]+"${batch_wait[@]}"}
     TELEMETRY_BRIDGE_MQTT__USERNAME=telemetry-bridge \
     TELEMETRY_BRIDGE_MQTT__PASSWORD=telemetry-bridge \
         start_stage telemetry-bridge --brokers "$brokers" --http-listen "$BRIDGE_HTTP" \
@@ -280,12 +288,21 @@ stack: running, data and logs in $STACK_DIR
 STATUS
 }
 
-usage() { echo "usage: $0 up|down|status|users PREFIX COUNT" >&2; exit 2; }
+# Tansu's memory storage keeps every record it ever took, and grows slower as it does; a fresh
+# one behaves like a Kafka whose old segments expired. The bridge and the API restart too, as
+# their idempotent producers' state belongs to the old broker.
+fresh_kafka() {
+    for name in telemetry-api telemetry-bridge telemetry-worker tansu; do stop_pidfile "$name"; done
+    up
+}
+
+usage() { echo "usage: $0 up|down|status|users PREFIX COUNT|fresh-kafka" >&2; exit 2; }
 
 case "${1:-}" in
     up) up ;;
     down) down ;;
     status) status ;;
     users) [ $# -eq 3 ] || usage; add_users "$2" "$3" ;;
+    fresh-kafka) fresh_kafka ;;
     *) usage ;;
 esac

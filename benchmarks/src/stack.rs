@@ -92,6 +92,54 @@ impl LocalStack {
         self.script(&["up"])
     }
 
+    /// Restarts Tansu with empty topics, and the stages that use it (`scripts/stack.sh
+    /// fresh-kafka`). Tansu's memory storage slows down as it fills up, which would make each
+    /// step of a benchmark pay for the ones before it.
+    pub fn fresh_kafka(&self) -> anyhow::Result<()> {
+        self.script(&["fresh-kafka"])
+    }
+
+    /// Sends a few readings per device through the pipeline and waits until they are stored.
+    /// A pipeline that just started still looks up topics and joins its consumer group, which
+    /// would otherwise land on the first messages measured.
+    pub fn warm_up(
+        &self,
+        users: u64,
+        devices_per_user: u64,
+        prefix: &str,
+        seq_start: i64,
+    ) -> anyhow::Result<()> {
+        let flags: Vec<String> = [
+            "--users",
+            &users.to_string(),
+            "--devices-per-user",
+            &devices_per_user.to_string(),
+            "--rate",
+            "1",
+            "--duration",
+            "3s",
+            "--user-prefix",
+            prefix,
+            "--seq-start",
+            &seq_start.to_string(),
+            "--verify",
+            "--verify-timeout",
+            "60s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let run = self.load_test(&flags)?;
+        if run.exit_code != 0 {
+            bail!(
+                "the warm-up run failed (load-tester exit {}):\n{}",
+                run.exit_code,
+                run.stderr
+            );
+        }
+        Ok(())
+    }
+
     /// Adds the MQTT logins `{prefix}1..{prefix}{count}` (password `secret-<user>`).
     pub fn add_users(&self, prefix: &str, count: u64) -> anyhow::Result<()> {
         self.script(&["users", prefix, &count.to_string()])

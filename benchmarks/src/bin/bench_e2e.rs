@@ -2,12 +2,13 @@
 //! end-to-end latency at half of it.
 //!
 //! Starts the local stack (`scripts/stack.sh up`, release builds) and drives it with the
-//! load-tester (`--verify`, per-user logins) at increasing fleet rates, each for a fixed time,
-//! multiplying the rate by `--factor` until a step fails, then bisecting between the last pass
-//! and the first failure. A step passes when every message was acknowledged and stored exactly
+//! load-tester (`--verify`, per-user logins) at increasing fleet rates, each for a fixed time on
+//! a fresh Tansu (`scripts/stack.sh fresh-kafka`: its memory storage slows as it fills) after a
+//! short warm-up, multiplying the rate by `--factor` until a step fails, then bisecting between
+//! the last pass and the first failure. A step passes when every message was acknowledged and stored exactly
 //! once, the end-to-end p99 (due time -> row committed) stayed under 1 s, and the load-tester
-//! kept its timetable (at most 1% of sends late), so the rate was really offered. The sustained
-//! rate is the highest passing one; a last, longer run at half of it gives the latencies.
+//! published within 3% of the asked rate, so the load was really offered. The sustained rate is
+//! the highest passing one; a last, longer run at half of it gives the latencies.
 //!
 //! The last line printed is one JSON object:
 //! `{"bench":"e2e","sustained_msgs_per_s":N,"e2e_p50_ms":A,"e2e_p99_ms":B,"lost":0,"duplicated":0,...}`
@@ -26,8 +27,10 @@ use serde_json::json;
 const MAX_E2E_P99_MS: f64 = 1000.0;
 /// Target for the e2e p99 at half the sustained rate.
 const TARGET_E2E_P99_MS: f64 = 250.0;
-/// A step in which more sends than this share were late measured the tester, not the pipeline.
-const MAX_LATE_SHARE: f64 = 0.01;
+/// A step whose publish rate fell short of the asked one by more than this share measured the
+/// tester (or a machine too busy to run it), not the pipeline. Late sends alone do not fail a
+/// step: latency is measured from the due time, so they already count in the e2e figures.
+const MAX_RATE_SHORTFALL: f64 = 0.03;
 /// Each step's sequence numbers start this far above the previous step's, so a step's rows are
 /// told apart from earlier steps' of the same users.
 const SEQ_STRIDE: i64 = 1_000_000_000;
@@ -71,7 +74,7 @@ struct Step {
 
 fn judge(run: &LoadRun) -> Option<String> {
     let p99 = run.latency("e2e_ms", "p99");
-    let late_share = run.number("late") / run.number("sent").max(1.0);
+    let shortfall = 1.0 - run.number("publish_rate") / run.number("target_rate").max(1.0);
     if run.exit_code != 0 {
         let mut why = format!(
             "load-tester exit {}: lost {}, duplicated {}, unacked {}, not sent {}, errors {}",
@@ -91,10 +94,11 @@ fn judge(run: &LoadRun) -> Option<String> {
             "e2e p99 {:.0} ms >= {MAX_E2E_P99_MS:.0} ms",
             p99.unwrap_or(f64::NAN)
         ))
-    } else if late_share > MAX_LATE_SHARE {
+    } else if shortfall > MAX_RATE_SHORTFALL {
         Some(format!(
-            "the load-tester fell behind its timetable ({:.1}% of sends late)",
-            late_share * 100.0
+            "the load-tester published only {:.1} msg/s ({:.1}% short)",
+            run.number("publish_rate"),
+            shortfall * 100.0
         ))
     } else {
         None
@@ -126,11 +130,16 @@ struct Bench {
 }
 
 impl Bench {
-    fn run(&mut self, rate: f64, seconds: u64) -> anyhow::Result<Step> {
-        let devices = (self.args.users * self.args.devices_per_user) as f64;
-        let seq_start = self.steps as i64 * SEQ_STRIDE;
-        self.steps += 1;
-        let flags: Vec<String> = [
+    /// The load-tester's flags for `rate` msg/s fleet-wide during `seconds`.
+    fn flags(
+        &self,
+        devices: f64,
+        rate: f64,
+        seconds: u64,
+        seq_start: i64,
+        what: &str,
+    ) -> Vec<String> {
+        [
             "--users",
             &self.args.users.to_string(),
             "--devices-per-user",
@@ -144,18 +153,34 @@ impl Bench {
             "--seq-start",
             &seq_start.to_string(),
             "--run-id",
-            &format!("e2e-{}", self.steps),
+            &format!("e2e-{what}-{}", self.steps),
             "--verify",
             "--verify-timeout",
             "60s",
         ]
         .iter()
         .map(|s| s.to_string())
-        .collect();
+        .collect()
+    }
+
+    fn run(&mut self, rate: f64, seconds: u64) -> anyhow::Result<Step> {
+        let devices = (self.args.users * self.args.devices_per_user) as f64;
+        let seq_start = self.steps as i64 * SEQ_STRIDE;
+        self.steps += 1;
+        self.stack.fresh_kafka()?;
+        // Its rows sit in the upper half of the step's seq range.
+        self.stack.warm_up(
+            self.args.users,
+            self.args.devices_per_user,
+            &self.prefix,
+            seq_start + SEQ_STRIDE / 2,
+        )?;
+        let flags = self.flags(devices, rate, seconds, seq_start, "step");
         let run = self.stack.load_test(&flags)?;
         let failure = judge(&run);
         if failure.is_some() {
-            // An overloaded pipeline keeps working off its backlog; let it finish first.
+            // An overloaded pipeline keeps working off its backlog; let it finish before Kafka
+            // is replaced, so the next step starts clean.
             self.stack
                 .wait_until_drained(&self.prefix, Duration::from_secs(180))?;
         }
