@@ -11,50 +11,38 @@
 //! every run, not once: a table that the worker created after the API's first migration gets its
 //! `SELECT` grant at the API's next start or `migrate`.
 
+use telemetry_core::migrations::{Migration, MigrationError, Migrations};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
-    #[error("cannot read applied API migrations: {0}")]
-    ReadApplied(#[source] tokio_postgres::Error),
-    #[error("API migration {version} ({name}) failed: {source}; fix the database and run `telemetry-api migrate` again")]
-    Apply {
-        version: i32,
-        name: &'static str,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    #[error("cannot open the API migration transaction: {0}")]
+    Transaction(#[source] tokio_postgres::Error),
+    #[error(transparent)]
+    Migration(#[from] MigrationError),
     #[error("cannot grant the read-only role '{role}' its privileges: {source}; connect `postgres.admin_url` as the tables' owner, or set `postgres.reader_role` to '' and grant by hand")]
     Grant {
         role: String,
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error(
-        "the database has API migration {0}, newer than this binary knows ({1}); upgrade telemetry-api"
-    )]
-    TooNew(i32, i32),
 }
 
-#[derive(Debug)]
-pub struct Migration {
-    pub version: i32,
-    pub name: &'static str,
-    pub sql: &'static str,
-}
-
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "api_tokens",
-    sql: include_str!("../migrations/0001_api_tokens.sql"),
-}];
+/// The API keeps its own bookkeeping table and lock key ("api_mi"), so its versions never
+/// collide with the worker's `schema_migrations` and the two never wait on each other.
+pub const MIGRATIONS: Migrations = Migrations {
+    binary: "telemetry-api",
+    table: "api_schema_migrations",
+    lock_key: 0x6170_695f_6d69,
+    list: &[Migration {
+        version: 1,
+        name: "api_tokens",
+        sql: include_str!("../migrations/0001_api_tokens.sql"),
+    }],
+};
 
 /// The tables the API reads; the read-only role gets `SELECT` on each one that exists.
 pub const READ_TABLES: &[&str] = &["device_latest", "raw_telemetry", "alerts", "api_tokens"];
-
-/// Advisory lock key of the API's migrations ("api_mi"); differs from the worker's so the two
-/// never wait on each other.
-const MIGRATION_LOCK: i64 = 0x6170_695f_6d69;
 
 /// What one run of [`migrate`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,44 +62,14 @@ pub async fn migrate(client: &mut Client, reader_role: &str) -> Result<Migrated,
     let tx = client
         .transaction()
         .await
-        .map_err(SchemaError::ReadApplied)?;
-    tx.batch_execute(&format!(
-        "SELECT pg_advisory_xact_lock({MIGRATION_LOCK});
-         CREATE TABLE IF NOT EXISTS api_schema_migrations (
-             version    integer PRIMARY KEY,
-             name       text NOT NULL,
-             applied_at timestamptz NOT NULL DEFAULT now());"
-    ))
-    .await
-    .map_err(SchemaError::ReadApplied)?;
-    let applied = applied_versions(&tx).await?;
-    let newest_known = MIGRATIONS.last().map_or(0, |m| m.version);
-    if let Some(&newest) = applied.iter().max() {
-        if newest > newest_known {
-            return Err(SchemaError::TooNew(newest, newest_known));
-        }
-    }
-    let mut applied_now = Vec::new();
-    for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
-        let record = format!(
-            "INSERT INTO api_schema_migrations (version, name) VALUES ({}, '{}')",
-            migration.version, migration.name
-        );
-        let apply = |source| SchemaError::Apply {
-            version: migration.version,
-            name: migration.name,
-            source,
-        };
-        tx.batch_execute(migration.sql).await.map_err(apply)?;
-        tx.batch_execute(&record).await.map_err(apply)?;
-        applied_now.push(migration.version);
-    }
+        .map_err(SchemaError::Transaction)?;
+    let applied_now = MIGRATIONS.apply_pending(&tx).await?;
     let granted = if reader_role.is_empty() {
         Vec::new()
     } else {
         grant_reader(&tx, reader_role).await?
     };
-    tx.commit().await.map_err(SchemaError::ReadApplied)?;
+    tx.commit().await.map_err(SchemaError::Transaction)?;
     if !applied_now.is_empty() {
         tracing::info!(versions = ?applied_now, "applied API migrations");
     }
@@ -179,20 +137,6 @@ SELECT t FROM unnest(ARRAY[{tables}]) AS t
         .iter()
         .filter_map(|m| match m {
             SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .collect())
-}
-
-async fn applied_versions(tx: &tokio_postgres::Transaction<'_>) -> Result<Vec<i32>, SchemaError> {
-    let messages = tx
-        .simple_query("SELECT version FROM api_schema_migrations")
-        .await
-        .map_err(SchemaError::ReadApplied)?;
-    Ok(messages
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse().ok()),
             _ => None,
         })
         .collect())

@@ -6,6 +6,7 @@
 //! - [`config`]: layered configuration (flags > environment > TOML file > defaults) that rejects
 //!   unknown fields and names the field when a value is wrong.
 //! - [`kafka`]: broker settings and the durable producer every stage uses.
+//! - `migrations` (feature `postgres`): embedded SQL migrations under an advisory lock.
 //! - [`backoff`]: capped, jittered retry delays for outages.
 //! - [`shutdown`]: one shutdown signal that every long-lived task watches.
 //! - [`observe`]: logging set-up, the Prometheus recorder and the `/metrics`, `/healthz` and
@@ -15,6 +16,8 @@ pub mod backoff;
 pub mod config;
 pub mod contract;
 pub mod kafka;
+#[cfg(feature = "postgres")]
+pub mod migrations;
 pub mod observe;
 pub mod shutdown;
 
