@@ -225,24 +225,23 @@ impl Sink {
                 .filter(|(i, _)| *i >= first_fresh)
                 .map(|(_, letter)| letter),
         );
-        if self.keep_device_latest {
-            let rejected_rows: HashSet<usize> = rejected.iter().map(|(i, _)| *i).collect();
-            let stored = to_copy
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !rejected_rows.contains(i))
-                .map(|(_, row)| *row);
-            upsert_device_latest(&tx, stored).await?;
-        }
+        // The rows that are now in the table, replayed ones first.
         let rejected_rows: HashSet<usize> = rejected.iter().map(|(i, _)| *i).collect();
-        // Only rows stored for the first time, in offset order: a replayed or re-delivered
-        // reading must not move a device's alert state twice, nor raise an old alert again.
-        let newly_stored = to_copy
+        let stored: Vec<&Row> = to_copy
             .iter()
             .enumerate()
-            .skip(first_fresh)
             .filter(|(i, _)| !rejected_rows.contains(i))
-            .map(|(_, row)| *row);
+            .map(|(_, row)| *row)
+            .collect();
+        let replayed_stored = (0..first_fresh)
+            .filter(|i| !rejected_rows.contains(i))
+            .count();
+        if self.keep_device_latest {
+            upsert_device_latest(&tx, stored.iter().copied()).await?;
+        }
+        // Only rows stored for the first time, in offset order: a replayed or re-delivered
+        // reading must not move a device's alert state twice, nor raise an old alert again.
+        let newly_stored = stored[replayed_stored..].iter().copied();
         let alerts = match &self.alerts {
             Some(stage) => evaluate_alerts(&tx, stage, newly_stored).await?,
             None => Vec::new(),
