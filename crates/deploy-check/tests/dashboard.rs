@@ -22,7 +22,6 @@ use telemetry_core::observe::HttpConfig;
 use telemetry_core::Shutdown;
 use telemetry_worker::WorkerConfig;
 use test_servers::{shared, unique_name, PgBouncer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const DASHBOARD: &str = "deploy/grafana/dashboards/telemetry-pipeline.json";
 
@@ -100,24 +99,15 @@ fn the_dashboard_is_provisionable_and_covers_what_operators_watch() {
 
 /// A free port on 127.0.0.1, so the test knows where each /metrics server listens.
 fn free_address() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
+    test_servers::free_addr()
 }
 
+/// The body of a 200 answer.
 async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    response
-        .starts_with("HTTP/1.1 200")
-        .then(|| {
-            response
-                .split_once("\r\n\r\n")
-                .map(|(_, body)| body.to_owned())
-        })
-        .flatten()
+    test_servers::http_get(addr, path)
+        .await
+        .filter(|(status, _)| *status == 200)
+        .map(|(_, body)| body)
 }
 
 struct Running {

@@ -8,11 +8,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use support::{free_addr, Fixture, Record};
+use support::{Fixture, Record};
 use telemetry_alerts::{DeviceState, Reading, RuleSet};
 use telemetry_core::contract::DeviceId;
 use telemetry_worker::replay::{self, ReplayStart};
-use test_servers::{shared, unique_name};
+use test_servers::{free_addr, shared, unique_name};
 
 const TWO_MINUTES: Duration = Duration::from_secs(120);
 

@@ -62,7 +62,7 @@ async fn a_row_postgres_rejects_is_dead_lettered_alone_and_the_rest_of_its_batch
 
     let worker = fixture.start_worker(&unique_name("group"));
     assert_eq!(fixture.wait_for_rows(99, A_MINUTE).await, 99);
-    let letters = fixture.read_dead_letters(1).await;
+    let letters = fixture.read_dead_letters(1);
     assert_eq!(letters[0][header::DLQ_REASON], "rejected_by_database");
     assert!(
         letters[0][header::DLQ_DETAIL].contains("seq_below_a_million"),
@@ -163,7 +163,7 @@ async fn poison_records_of_every_kind_are_dead_lettered_and_the_good_ones_around
     }
 
     let worker = fixture.start_worker(&unique_name("group"));
-    let letters = fixture.read_dead_letters(poisons.len()).await;
+    let letters = fixture.read_dead_letters(poisons.len());
     let reasons: BTreeMap<String, &str> = letters
         .iter()
         .map(|l| {

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
-use support::{free_addr, Fixture};
+use support::Fixture;
 use telemetry_worker::replay::{self, ReplayStart};
-use test_servers::unique_name;
+use test_servers::{free_addr, unique_name};
 
 const TWO_MINUTES: Duration = Duration::from_secs(120);
 
@@ -151,7 +151,9 @@ async fn offsets_reset_with_kafka_tools_make_the_worker_read_again_without_dupli
     let stored = fixture
         .wait_for_rows(records.len() as i64, TWO_MINUTES)
         .await;
-    let (_, metrics) = support::http_get(http, "/metrics").await.expect("metrics");
+    let (_, metrics) = test_servers::http_get(http, "/metrics")
+        .await
+        .expect("metrics");
     kill9(&mut worker);
     assert_eq!(stored, records.len() as i64);
     fixture.assert_stored_exactly_once(&records).await;

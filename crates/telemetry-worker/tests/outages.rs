@@ -16,7 +16,11 @@ const TWO_MINUTES: Duration = Duration::from_secs(120);
 async fn readiness_becomes(http: SocketAddr, status: u16) -> bool {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if support::http_get(http, "/readyz").await.map(|(s, _)| s) == Some(status) {
+        if test_servers::http_get(http, "/readyz")
+            .await
+            .map(|(s, _)| s)
+            == Some(status)
+        {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -92,7 +96,7 @@ async fn database_restarts_and_a_crash_during_load_lose_duplicate_and_dead_lette
     assert_eq!(stored, records.len() as i64);
     fixture.assert_stored_exactly_once(&records).await;
     assert_eq!(
-        fixture.count_dead_letters().await,
+        fixture.count_dead_letters(),
         0,
         "an outage never sends records to the DLQ"
     );

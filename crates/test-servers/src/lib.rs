@@ -6,6 +6,8 @@
 //!   their own database, topic or client id from [`unique_name`].
 //! - [`Postgres`], [`PgBouncer`], [`Mosquitto`] and [`Tansu`] can also be started privately,
 //!   for tests that stop, pause or kill a server.
+//! - [`read_topic`] reads a topic back, to check what a stage produced; [`http_get`] reads a
+//!   stage's /metrics or /readyz.
 //! - `process` spawns and stops processes, `logs` decides where logs and data live.
 //!
 //! Guarantee: servers never outlive the test process. Private servers stop when dropped, the
@@ -18,11 +20,13 @@
 #![allow(unsafe_code)]
 
 mod error;
+mod http;
 mod logs;
 mod mosquitto;
 mod pgbouncer;
 mod postgres;
 mod process;
+mod records;
 mod tansu;
 
 use std::collections::hash_map::RandomState;
@@ -33,10 +37,12 @@ use std::sync::OnceLock;
 use std::thread;
 
 pub use error::Error;
+pub use http::{free_addr, http_get};
 pub use logs::log_dir;
 pub use mosquitto::Mosquitto;
 pub use pgbouncer::PgBouncer;
 pub use postgres::Postgres;
+pub use records::{read_at_least, read_topic, KafkaRecord};
 pub use tansu::Tansu;
 
 /// One server of each kind, shared by every test of a test binary.

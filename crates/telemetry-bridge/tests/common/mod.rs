@@ -5,15 +5,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::net::TcpListener;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
-use rdkafka::Message;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use telemetry_bridge::BridgeConfig;
 use telemetry_core::kafka::KafkaConfig;
@@ -107,7 +104,7 @@ pub async fn wait_ready(port: u16, log: impl Fn() -> String) {
     while Instant::now() < deadline {
         if http_get(port, "/readyz")
             .await
-            .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+            .is_some_and(|(status, _)| status == 200)
         {
             return;
         }
@@ -228,7 +225,7 @@ impl BridgeProcess {
 
     /// Several counters from one scrape, so that they are read at the same moment.
     pub async fn metrics(&self, names: &[&str]) -> Vec<f64> {
-        let body = http_get(self.http_port, "/metrics")
+        let (_, body) = http_get(self.http_port, "/metrics")
             .await
             .unwrap_or_default();
         names
@@ -259,27 +256,12 @@ pub fn toml_of(config: &BridgeConfig) -> String {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    test_servers::free_addr().port()
 }
 
-pub async fn http_get(port: u16, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    Some(response)
+/// GET `path` on a bridge's HTTP server on 127.0.0.1: status and body.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    test_servers::http_get(SocketAddr::from(([127, 0, 0, 1], port)), path).await
 }
 
 /// A message a device published and got a PUBACK for.
@@ -410,13 +392,7 @@ async fn publish_one_by_one(
 }
 
 /// A record as read back from Kafka.
-#[derive(Debug, Clone)]
-pub struct Record {
-    pub key: String,
-    pub payload: String,
-    pub headers: BTreeMap<String, String>,
-    pub partition: i32,
-}
+pub use test_servers::KafkaRecord as Record;
 
 /// Reads `topic` from the start until `done` says enough arrived (or `wait` passes), then a
 /// little longer so that records beyond it would show.
@@ -426,51 +402,7 @@ pub fn read_topic(
     wait: Duration,
     done: impl Fn(&[Record]) -> bool,
 ) -> Vec<Record> {
-    let consumer: BaseConsumer = kafka
-        .client_config(&[
-            ("group.id", &unique_name("reader")),
-            ("auto.offset.reset", "earliest"),
-            ("enable.auto.commit", "false"),
-            ("fetch.wait.max.ms", "50"),
-        ])
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let mut records = Vec::new();
-    let deadline = Instant::now() + wait;
-    let mut settle_until: Option<Instant> = None;
-    loop {
-        let now = Instant::now();
-        if settle_until.is_some_and(|t| now > t) || (settle_until.is_none() && now > deadline) {
-            return records;
-        }
-        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
-            let message = message.expect("kafka read");
-            records.push(Record {
-                key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-                payload: String::from_utf8_lossy(message.payload().unwrap_or_default())
-                    .into_owned(),
-                headers: message
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| {
-                                (
-                                    h.key.to_owned(),
-                                    String::from_utf8_lossy(h.value.unwrap_or_default())
-                                        .into_owned(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                partition: message.partition(),
-            });
-        }
-        if settle_until.is_none() && done(&records) {
-            settle_until = Some(Instant::now() + Duration::from_secs(1));
-        }
-    }
+    test_servers::read_topic(&kafka.brokers, topic, wait, done)
 }
 
 /// What a load test found in Kafka for a fleet.

@@ -9,16 +9,16 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Headers;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
-use rdkafka::Message;
 use telemetry_core::kafka::KafkaConfig;
 use telemetry_core::observe::HttpConfig;
 use telemetry_core::Shutdown;
 use telemetry_worker::WorkerConfig;
-use test_servers::{shared, unique_name, PgBouncer, Postgres, Tansu};
+use test_servers::{
+    free_addr, read_at_least, read_topic, shared, unique_name, KafkaRecord, PgBouncer, Postgres,
+    Tansu,
+};
 use tokio::task::JoinHandle;
 
 /// One test's own database, topics and consumer groups.
@@ -303,48 +303,20 @@ impl Fixture {
         );
     }
 
-    /// Reads `count` dead letters as header name -> value, plus "key" and "payload".
-    pub async fn read_dead_letters(&self, count: usize) -> Vec<BTreeMap<String, String>> {
-        let consumer: StreamConsumer = self
-            .kafka
-            .client_config(&[
-                ("group.id", &unique_name("dlq_reader")),
-                ("auto.offset.reset", "earliest"),
-                ("isolation.level", "read_uncommitted"),
-            ])
-            .create()
-            .unwrap();
-        consumer.subscribe(&[&self.kafka.dlq_topic]).unwrap();
-        let mut letters = Vec::new();
-        while letters.len() < count {
-            let message = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
-                .await
-                .expect("dead letter within 60 s")
-                .unwrap();
-            let mut fields: BTreeMap<String, String> = message
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| {
-                            (
-                                h.key.to_owned(),
-                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            fields.insert(
-                "key".into(),
-                String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-            );
-            fields.insert(
-                "payload".into(),
-                String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
-            );
-            letters.push(fields);
-        }
-        letters
+    /// Reads the dead-letter topic until `count` letters are there: each as header name ->
+    /// value, plus "key" and "payload".
+    pub fn read_dead_letters(&self, count: usize) -> Vec<BTreeMap<String, String>> {
+        tokio::task::block_in_place(|| {
+            read_at_least(
+                &self.kafka.brokers,
+                &self.kafka.dlq_topic,
+                count,
+                Duration::from_secs(60),
+            )
+        })
+        .into_iter()
+        .map(KafkaRecord::into_fields)
+        .collect()
     }
 
     /// Waits until no partition has a replay window left, i.e. every replay was read.
@@ -371,25 +343,17 @@ impl Fixture {
         }
     }
 
-    /// Dead letters on the topic now (reads until the topic is quiet for 3 s).
-    pub async fn count_dead_letters(&self) -> usize {
-        let consumer: StreamConsumer = self
-            .kafka
-            .client_config(&[
-                ("group.id", &unique_name("dlq_counter")),
-                ("auto.offset.reset", "earliest"),
-                ("isolation.level", "read_uncommitted"),
-            ])
-            .create()
-            .unwrap();
-        consumer.subscribe(&[&self.kafka.dlq_topic]).unwrap();
-        let mut count = 0;
-        while let Ok(message) = tokio::time::timeout(Duration::from_secs(3), consumer.recv()).await
-        {
-            message.expect("dead-letter topic readable");
-            count += 1;
-        }
-        count
+    /// Dead letters on the topic now (reads it for 5 s).
+    pub fn count_dead_letters(&self) -> usize {
+        tokio::task::block_in_place(|| {
+            read_topic(
+                &self.kafka.brokers,
+                &self.kafka.dlq_topic,
+                Duration::from_secs(5),
+                |_| false,
+            )
+        })
+        .len()
     }
 }
 
@@ -434,24 +398,6 @@ pub async fn produce(producer: &FutureProducer, topic: &str, records: &[Record])
     }
 }
 
-/// GET `path` on a worker's HTTP server: the status code and the body.
-pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    let text = String::from_utf8_lossy(&response);
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((status, body))
-}
-
 /// The value of a counter or gauge in a Prometheus text page, summed over its label sets.
 pub fn metric_value(page: &str, name: &str) -> f64 {
     page.lines()
@@ -461,10 +407,4 @@ pub fn metric_value(page: &str, name: &str) -> f64 {
         })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// A free loopback port for a worker process's HTTP server.
-pub fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
 }
