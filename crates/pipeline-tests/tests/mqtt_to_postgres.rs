@@ -4,17 +4,16 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Headers;
-use rdkafka::Message;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::net::SocketAddr;
 use telemetry_bridge::BridgeConfig;
 use telemetry_core::contract::header;
 use telemetry_core::kafka::KafkaConfig;
 use telemetry_core::observe::HttpConfig;
 use telemetry_core::Shutdown;
 use telemetry_worker::WorkerConfig;
-use test_servers::{shared, unique_name, Servers};
+
+use test_servers::{free_addr, http_get, read_at_least, shared, unique_name, KafkaRecord, Servers};
 use tokio::task::JoinHandle;
 
 /// One test's own database, topics and consumer group on the shared servers.
@@ -28,9 +27,33 @@ struct Fixture {
 struct Running {
     shutdown: Shutdown,
     task: JoinHandle<Result<(), String>>,
+    /// Its /metrics, /healthz and /readyz server.
+    http: SocketAddr,
 }
 
 impl Running {
+    /// Waits for /readyz; the bridge is ready once the broker acknowledged every subscription,
+    /// so nothing published after this is missed.
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(self.http, "/readyz")
+            .await
+            .map(|(status, _)| status)
+            != Some(200)
+        {
+            assert!(
+                !self.task.is_finished(),
+                "stage stopped before it was ready"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "stage not ready within 30 s: {:?}",
+                http_get(self.http, "/readyz").await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn stop(self) {
         self.shutdown.trigger();
         let result = tokio::time::timeout(Duration::from_secs(30), self.task).await;
@@ -43,6 +66,14 @@ impl Running {
 
 impl Fixture {
     fn new(partitions: i32) -> Fixture {
+        // The stages' logs in the test's captured output, shown when it fails.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info,librdkafka=warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let servers = shared();
         let database = unique_name("e2e");
         servers
@@ -77,11 +108,12 @@ impl Fixture {
             kafka: self.kafka.clone(),
             group_id: group.to_owned(),
             http: HttpConfig {
-                listen: "127.0.0.1:0".parse().unwrap(),
+                listen: free_addr(),
             },
             ..WorkerConfig::default()
         };
         config.postgres.url = self.servers.pgbouncer.url(&self.database);
+        let http = config.http.listen;
         let shutdown = Shutdown::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
@@ -89,14 +121,18 @@ impl Fixture {
                 .await
                 .map_err(|e| e.to_string())
         });
-        Running { shutdown, task }
+        Running {
+            shutdown,
+            task,
+            http,
+        }
     }
 
     fn start_bridge(&self, subscriptions: Vec<String>) -> Running {
         let mut config = BridgeConfig {
             kafka: self.kafka.clone(),
             http: HttpConfig {
-                listen: "127.0.0.1:0".parse().unwrap(),
+                listen: free_addr(),
             },
             ..BridgeConfig::default()
         };
@@ -104,6 +140,7 @@ impl Fixture {
         config.mqtt.port = self.servers.mosquitto.port();
         config.mqtt.client_id = unique_name("bridge");
         config.mqtt.subscriptions = subscriptions;
+        let http = config.http.listen;
         let shutdown = Shutdown::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
@@ -111,7 +148,11 @@ impl Fixture {
                 .await
                 .map_err(|e| e.to_string())
         });
-        Running { shutdown, task }
+        Running {
+            shutdown,
+            task,
+            http,
+        }
     }
 
     async fn database(&self) -> tokio_postgres::Client {
@@ -144,48 +185,20 @@ impl Fixture {
         count().await
     }
 
-    /// Reads `count` dead letters: (reason, detail, key, payload).
-    async fn read_dead_letters(&self, count: usize) -> Vec<BTreeMap<String, String>> {
-        let consumer: StreamConsumer = self
-            .kafka
-            .client_config(&[
-                ("group.id", &unique_name("dlq_reader")),
-                ("auto.offset.reset", "earliest"),
-                ("isolation.level", "read_uncommitted"),
-            ])
-            .create()
-            .unwrap();
-        consumer.subscribe(&[&self.kafka.dlq_topic]).unwrap();
-        let mut letters = Vec::new();
-        while letters.len() < count {
-            let message = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
-                .await
-                .expect("dead letter within 60 s")
-                .unwrap();
-            let mut fields: BTreeMap<String, String> = message
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| {
-                            (
-                                h.key.to_owned(),
-                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            fields.insert(
-                "key".into(),
-                String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-            );
-            fields.insert(
-                "payload".into(),
-                String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
-            );
-            letters.push(fields);
-        }
-        letters
+    /// Reads the dead-letter topic until `count` letters are there: each as header name ->
+    /// value, plus "key" and "payload".
+    fn read_dead_letters(&self, count: usize) -> Vec<BTreeMap<String, String>> {
+        tokio::task::block_in_place(|| {
+            read_at_least(
+                &self.kafka.brokers,
+                &self.kafka.dlq_topic,
+                count,
+                Duration::from_secs(60),
+            )
+        })
+        .into_iter()
+        .map(KafkaRecord::into_fields)
+        .collect()
     }
 }
 
@@ -257,7 +270,7 @@ async fn a_thousand_messages_from_nine_devices_land_as_a_thousand_rows() {
         .collect();
     let worker = fixture.start_worker(&unique_name("group"));
     let bridge = fixture.start_bridge(subscriptions);
-    tokio::time::sleep(Duration::from_secs(1)).await; // the bridge subscribes on connect
+    bridge.wait_ready().await;
 
     publish_all(fixture.servers, &messages).await;
 
@@ -303,7 +316,7 @@ async fn invalid_messages_go_to_the_dead_letter_topic_with_their_reason_and_vali
     let user = unique_name("u");
     let worker = fixture.start_worker(&unique_name("group"));
     let bridge = fixture.start_bridge(vec![format!("users/{user}/#")]);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    bridge.wait_ready().await;
 
     publish_all(
         fixture.servers,
@@ -324,7 +337,7 @@ async fn invalid_messages_go_to_the_dead_letter_topic_with_their_reason_and_vali
     .await;
 
     assert_eq!(fixture.wait_for_rows(2).await, 2);
-    let mut letters = fixture.read_dead_letters(3).await;
+    let mut letters = fixture.read_dead_letters(3);
     letters.sort_by(|a, b| a[header::DLQ_REASON].cmp(&b[header::DLQ_REASON]));
     let reasons: Vec<&str> = letters
         .iter()
