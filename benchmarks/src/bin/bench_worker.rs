@@ -12,8 +12,9 @@
 //!   transaction, text format); tokio-postgres' `BinaryCopyInWriter`; the worker's COPY encoder
 //!   alone (`copy::encode`, one buffer per transaction); and the worker's whole write path,
 //!   `Sink::store`, which also locks and advances `ingest_offsets` and by default upserts
-//!   `device_latest`: as the worker runs it, without `device_latest`, and as two loops at once
-//!   on even and odd partitions (two replicas). The tables are emptied before every run; runs
+//!   `device_latest`: with one writer, one writer without `device_latest`, and as the worker
+//!   runs it, with `batch.writers` (default 2) loops at once, each on its own connection and
+//!   given the partitions `ingest::writer_of` gives it. The tables are emptied before every run; runs
 //!   alternate in rounds, and each side's rate is that of its fastest round, because load from
 //!   other processes on a shared machine only ever slows a run down. Each side's client CPU
 //!   (this process, or psql) is reported per row.
@@ -28,7 +29,8 @@
 //!
 //! The last line printed is one JSON object:
 //! `{"bench":"worker","copy_ratio":R1,"drain_ratio":R2,"rows_per_s":N,"peak_rss_mb":M,...}`,
-//! where `copy_ratio` is `Sink::store` rows/s over `psql \copy` rows/s (target at least 1.0),
+//! where `copy_ratio` is the worker's write path's rows/s (`Sink::store` with the default
+//! number of writers) over `psql \copy` rows/s (target at least 1.0),
 //! `drain_ratio` the worker's stored rows/s over the discarding consumer's messages/s (target
 //! at least 0.8), `rows_per_s` the write path's rows/s and `peak_rss_mb` the worker process's
 //! peak resident memory (target at most 64). Targets are reported, never asserted.
@@ -55,9 +57,10 @@ use telemetry_core::contract::{self, header};
 use telemetry_core::kafka::KafkaConfig;
 use telemetry_core::observe::Health;
 use telemetry_core::Shutdown;
-use telemetry_worker::config::PostgresConfig;
+use telemetry_worker::config::{BatchConfig, PostgresConfig};
 use telemetry_worker::copy;
 use telemetry_worker::dlq::DeadLetterProducer;
+use telemetry_worker::ingest;
 use telemetry_worker::record::{Batch, Row};
 use telemetry_worker::sink::Sink;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -338,13 +341,13 @@ enum Writer {
     BinaryCopyIn,
     /// The worker's encoder alone: `copy::encode` of the whole transaction, one COPY.
     WorkerCopy,
-    /// `Sink::store` as the worker runs it (device_latest kept).
+    /// One `Sink::store` loop (device_latest kept).
     Sink,
-    /// `Sink::store` with `.keep_device_latest(false)`.
+    /// One `Sink::store` loop with `.keep_device_latest(false)`.
     SinkWithoutLatest,
-    /// Two `Sink::store` loops at once on disjoint partitions (even and odd), each on its own
-    /// connection: what two replicas' write paths do together.
-    SinkTwoWriters,
+    /// The worker's write path: `batch.writers` `Sink::store` loops at once, each on its own
+    /// connection, with the partitions `ingest::writer_of` assigns it.
+    Worker,
 }
 
 const WRITERS: [Writer; 6] = [
@@ -353,7 +356,7 @@ const WRITERS: [Writer; 6] = [
     Writer::WorkerCopy,
     Writer::Sink,
     Writer::SinkWithoutLatest,
-    Writer::SinkTwoWriters,
+    Writer::Worker,
 ];
 
 impl Writer {
@@ -362,9 +365,9 @@ impl Writer {
             Writer::Psql => "psql \\copy (baseline)",
             Writer::BinaryCopyIn => "BinaryCopyInWriter",
             Writer::WorkerCopy => "worker COPY encoder alone",
-            Writer::Sink => "Sink::store (worker)",
-            Writer::SinkWithoutLatest => "Sink::store, no device_latest",
-            Writer::SinkTwoWriters => "Sink::store, 2 writers at once",
+            Writer::Sink => "Sink::store, one writer",
+            Writer::SinkWithoutLatest => "one writer, no device_latest",
+            Writer::Worker => "worker (default batch.writers)",
         }
     }
 }
@@ -483,16 +486,17 @@ async fn write_path(
                 Writer::SinkWithoutLatest => {
                     store_all(&sink_plain, batches.iter(), &shutdown).await?
                 }
-                Writer::SinkTwoWriters => {
-                    let of = |parity: i32| {
-                        batches
-                            .iter()
-                            .filter(move |batch| batch.rows[0].partition % 2 == parity)
+                Writer::Worker => {
+                    let writers = BatchConfig::default().writers;
+                    let of = |writer: usize| {
+                        batches.iter().filter(move |batch| {
+                            ingest::writer_of(batch.rows[0].partition, writers) == writer
+                        })
                     };
-                    futures::try_join!(
-                        store_all(&sink_latest, of(0), &shutdown),
-                        store_all(&sink_latest, of(1), &shutdown),
-                    )?;
+                    futures::future::try_join_all(
+                        (0..writers).map(|writer| store_all(&sink_latest, of(writer), &shutdown)),
+                    )
+                    .await?;
                 }
             }
             let took = started.elapsed();
@@ -988,17 +992,18 @@ fn report(args: &Args, write: Option<&WriteFigures>, drain: Option<&DrainFigures
     if let Some(write) = write {
         let rate = |writer| write.rate(writer);
         let cpu = |writer| round2(write.client_cpu_us_per_row(writer));
-        let (sink, plain, two) = (
+        let (one, plain, worker) = (
             rate(Writer::Sink),
             rate(Writer::SinkWithoutLatest),
-            rate(Writer::SinkTwoWriters),
+            rate(Writer::Worker),
         );
+        let writers = BatchConfig::default().writers;
         let (psql, bcw, encoder) = (
             rate(Writer::Psql),
             rate(Writer::BinaryCopyIn),
             rate(Writer::WorkerCopy),
         );
-        let latest_cost = (1.0 - sink / plain) * 100.0;
+        let latest_cost = (1.0 - one / plain) * 100.0;
         println!(
             "write path, {} rows in transactions of up to {} rows of one partition, fastest of {} \
              round(s):",
@@ -1014,32 +1019,34 @@ fn report(args: &Args, write: Option<&WriteFigures>, drain: Option<&DrainFigures
             );
         }
         println!(
-            "  copy_ratio {:.2} (target >= 1.0); Sink::store / BinaryCopyInWriter {:.2}; \
-             encoder alone / BinaryCopyInWriter {:.2}, / psql {:.2}; device_latest costs \
-             {latest_cost:.1}%; 2 writers / psql {:.2}",
-            sink / psql,
-            sink / bcw,
+            "  copy_ratio {:.2} (worker with {writers} writers / psql; target >= 1.0); one writer / \
+             psql {:.2}; one writer / BinaryCopyInWriter {:.2}; encoder alone / \
+             BinaryCopyInWriter {:.2}, / psql {:.2}; device_latest costs {latest_cost:.1}%",
+            worker / psql,
+            one / psql,
+            one / bcw,
             encoder / bcw,
             encoder / psql,
-            two / psql,
         );
-        copy_ratio = round2(sink / psql);
-        rows_per_s = whole(sink);
+        copy_ratio = round2(worker / psql);
+        rows_per_s = whole(worker);
         extra.extend([
             ("psql_copy_rows_per_s", whole(psql)),
             ("binary_copy_in_writer_rows_per_s", whole(bcw)),
-            ("binary_writer_ratio", round2(sink / bcw)),
+            ("writers", writers.into()),
+            ("one_writer_rows_per_s", whole(one)),
+            ("one_writer_copy_ratio", round2(one / psql)),
+            ("one_writer_vs_binary_writer", round2(one / bcw)),
             ("worker_copy_rows_per_s", whole(encoder)),
             ("worker_copy_vs_binary_writer", round2(encoder / bcw)),
             ("worker_copy_vs_psql", round2(encoder / psql)),
             ("without_device_latest_rows_per_s", whole(plain)),
             ("device_latest_cost_pct", round2(latest_cost)),
-            ("two_writers_rows_per_s", whole(two)),
-            ("two_writers_copy_ratio", round2(two / psql)),
             ("psql_cpu_us_per_row", cpu(Writer::Psql)),
             ("binary_writer_cpu_us_per_row", cpu(Writer::BinaryCopyIn)),
             ("worker_copy_cpu_us_per_row", cpu(Writer::WorkerCopy)),
-            ("sink_cpu_us_per_row", cpu(Writer::Sink)),
+            ("one_writer_cpu_us_per_row", cpu(Writer::Sink)),
+            ("worker_cpu_us_per_row", cpu(Writer::Worker)),
         ]);
     }
     if let Some(drain) = drain {

@@ -52,8 +52,8 @@ pub struct PostgresConfig {
     /// Connection URL, normally PgBouncer's (transaction mode), e.g.
     /// `postgres://telemetry@127.0.0.1:6432/telemetry`.
     pub url: String,
-    /// Connections kept by this replica. One writer uses one at a time; the rest serve retries
-    /// and migrations.
+    /// Connections kept by this replica: one per writer (`batch.writers`), one for the alert
+    /// outbox, and the rest for retries and migrations.
     pub pool_size: usize,
     /// How long one batch's transaction may take before it is abandoned and retried on a new
     /// connection. PgBouncer holds queries while PostgreSQL is down instead of failing them,
@@ -78,6 +78,10 @@ pub struct BatchConfig {
     pub max_records: usize,
     /// ...or when this many milliseconds have passed since its first record, whichever is first.
     pub max_wait_ms: u64,
+    /// Batches written at once, each on its own connection. Partitions are split between the
+    /// writers, so each partition's batches stay in order; more than one lets PostgreSQL work
+    /// on one batch while the next is sent.
+    pub writers: usize,
 }
 
 impl Default for BatchConfig {
@@ -85,6 +89,7 @@ impl Default for BatchConfig {
         Self {
             max_records: 1000,
             max_wait_ms: 100,
+            writers: 2,
         }
     }
 }
@@ -143,6 +148,21 @@ impl Validate for WorkerConfig {
                 "must be between 1 and 60000",
             ));
         }
+        if !(1..=64).contains(&self.batch.writers) {
+            return Err(ConfigError::invalid(
+                "batch.writers",
+                "must be between 1 and 64",
+            ));
+        }
+        if self.batch.writers > self.postgres.pool_size {
+            return Err(ConfigError::invalid(
+                "batch.writers",
+                format!(
+                    "is {} but postgres.pool_size is {}: each writer needs a connection of its own",
+                    self.batch.writers, self.postgres.pool_size
+                ),
+            ));
+        }
         self.alerts.validate()?;
         if self.max_payload_bytes == 0 {
             return Err(ConfigError::invalid(
@@ -172,6 +192,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("batch.max_records"));
+    }
+
+    #[test]
+    fn more_writers_than_connections_is_named() {
+        let mut config = WorkerConfig::default();
+        config.postgres.pool_size = 1;
+        let message = config.validate().unwrap_err().to_string();
+        assert!(message.contains("batch.writers"), "{message}");
     }
 
     #[test]

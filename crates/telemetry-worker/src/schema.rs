@@ -42,6 +42,11 @@ pub const MIGRATIONS: Migrations = Migrations {
             name: "alerts",
             sql: telemetry_alerts::SCHEMA_SQL,
         },
+        Migration {
+            version: 5,
+            name: "device_latest_hot_updates",
+            sql: include_str!("../migrations/0005_device_latest_hot_updates.sql"),
+        },
     ],
 };
 
