@@ -34,17 +34,17 @@ struct Running {
 impl Running {
     /// Waits for /readyz; the bridge is ready once the broker acknowledged every subscription,
     /// so nothing published after this is missed.
-    async fn wait_ready(&self) {
+    async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while http_get(self.http, "/readyz")
             .await
             .map(|(status, _)| status)
             != Some(200)
         {
-            assert!(
-                !self.task.is_finished(),
-                "stage stopped before it was ready"
-            );
+            if self.task.is_finished() {
+                let outcome = (&mut self.task).await;
+                panic!("stage stopped before it was ready: {outcome:?}");
+            }
             assert!(
                 Instant::now() < deadline,
                 "stage not ready within 30 s: {:?}",
@@ -269,7 +269,7 @@ async fn a_thousand_messages_from_nine_devices_land_as_a_thousand_rows() {
         .map(|u| format!("users/{u}/devices/+/telemetry"))
         .collect();
     let worker = fixture.start_worker(&unique_name("group"));
-    let bridge = fixture.start_bridge(subscriptions);
+    let mut bridge = fixture.start_bridge(subscriptions);
     bridge.wait_ready().await;
 
     publish_all(fixture.servers, &messages).await;
@@ -315,7 +315,7 @@ async fn invalid_messages_go_to_the_dead_letter_topic_with_their_reason_and_vali
     let fixture = Fixture::new(1);
     let user = unique_name("u");
     let worker = fixture.start_worker(&unique_name("group"));
-    let bridge = fixture.start_bridge(vec![format!("users/{user}/#")]);
+    let mut bridge = fixture.start_bridge(vec![format!("users/{user}/#")]);
     bridge.wait_ready().await;
 
     publish_all(

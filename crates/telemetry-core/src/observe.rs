@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -78,9 +78,16 @@ const METRICS_UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_s
 
 /// Installs the process-wide Prometheus recorder once and returns its handle. The first call
 /// also starts a small thread that runs the recorder's upkeep every few seconds.
+///
+/// Several stages may start at once in one process (the tests run a worker and a bridge side by
+/// side), so checking and installing happen under one lock: otherwise the second caller could
+/// find the recorder installed by the first but its handle not yet stored, and fail.
 pub fn metrics_handle() -> Result<PrometheusHandle, ObserveError> {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    if let Some(handle) = HANDLE.get() {
+    static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+    let mut installed = HANDLE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(handle) = installed.as_ref() {
         return Ok(handle.clone());
     }
     let handle = PrometheusBuilder::new()
@@ -88,27 +95,22 @@ pub fn metrics_handle() -> Result<PrometheusHandle, ObserveError> {
         .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_records".into()), RECORDS_BUCKETS))
         .map_err(|e| ObserveError::Recorder(e.to_string()))?
         .install_recorder()
-        .or_else(|e| {
-            HANDLE
-                .get()
-                .cloned()
-                .ok_or_else(|| ObserveError::Recorder(e.to_string()))
-        })?;
-    Ok(HANDLE
-        .get_or_init(|| {
-            let upkeep = handle.clone();
-            let started = std::thread::Builder::new()
-                .name("metrics-upkeep".into())
-                .spawn(move || loop {
-                    std::thread::sleep(METRICS_UPKEEP_INTERVAL);
-                    upkeep.run_upkeep();
-                });
-            if let Err(error) = started {
-                tracing::warn!(%error, "cannot start the metrics upkeep thread; histograms are folded only when scraped");
-            }
-            handle
-        })
-        .clone())
+        .map_err(|e| ObserveError::Recorder(e.to_string()))?;
+    start_upkeep(handle.clone());
+    *installed = Some(handle.clone());
+    Ok(handle)
+}
+
+fn start_upkeep(handle: PrometheusHandle) {
+    let started = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(METRICS_UPKEEP_INTERVAL);
+            handle.run_upkeep();
+        });
+    if let Err(error) = started {
+        tracing::warn!(%error, "cannot start the metrics upkeep thread; histograms are folded only when scraped");
+    }
 }
 
 /// Named readiness checks. The process is ready when every registered check passes.
@@ -196,6 +198,31 @@ async fn readiness(State(state): State<AppState>) -> (StatusCode, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stages_starting_at_once_in_one_process_share_the_recorder() {
+        let barrier = Arc::new(std::sync::Barrier::new(8));
+        let callers: Vec<_> = (0..8)
+            .map(|_| {
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    metrics_handle().map(|_| ())
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller
+                .join()
+                .unwrap()
+                .expect("every caller gets the handle");
+        }
+        metrics::counter!("observe_concurrent_install_total").increment(1);
+        assert!(metrics_handle()
+            .unwrap()
+            .render()
+            .contains("observe_concurrent_install_total 1"));
+    }
 
     #[test]
     fn readiness_needs_every_check_to_pass() {
