@@ -8,7 +8,6 @@
 //! (`payload_too_large`); the payload satisfies the route's JSON Schema (`invalid_json`,
 //! `schema_violation`).
 
-use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rdkafka::message::{Header, OwnedHeaders};
@@ -19,50 +18,17 @@ use telemetry_core::contract::{self, header, DeadLetterReason};
 use crate::route::Router;
 use crate::schema::Rejection;
 
-/// Dead-letter header: JSON Pointer to the value that broke the schema (`schema_violation`).
-pub const DLQ_SCHEMA_INSTANCE_PATH: &str = "dlq_schema_instance_path";
-/// Dead-letter header: the schema keyword that failed (`schema_violation`).
-pub const DLQ_SCHEMA_KEYWORD: &str = "dlq_schema_keyword";
 /// Value of the `dlq_stage` header on the bridge's dead letters.
 pub const STAGE: &str = "bridge";
 
-/// Why the bridge dead-letters a message: one of the contract's reasons, or one that only
-/// exists because routes and schemas are configurable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Reason {
-    Contract(DeadLetterReason),
-    /// The topic has the contract's shape but no route covers it: a gap in the configuration
-    /// rather than a device fault.
-    NoMatchingRoute,
-    /// The payload is JSON but breaks the route's JSON Schema.
-    SchemaViolation,
-}
-
-impl Reason {
-    /// Every reason the bridge can give.
-    pub const ALL: [Reason; 5] = [
-        Reason::Contract(DeadLetterReason::InvalidTopic),
-        Reason::Contract(DeadLetterReason::PayloadTooLarge),
-        Reason::Contract(DeadLetterReason::InvalidJson),
-        Reason::NoMatchingRoute,
-        Reason::SchemaViolation,
-    ];
-
-    /// The `dlq_reason` header value.
-    pub fn code(self) -> &'static str {
-        match self {
-            Reason::Contract(reason) => reason.code(),
-            Reason::NoMatchingRoute => "no_matching_route",
-            Reason::SchemaViolation => "schema_violation",
-        }
-    }
-}
-
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.code())
-    }
-}
+/// Every reason the bridge can give a dead letter.
+pub const REASONS: [DeadLetterReason; 5] = [
+    DeadLetterReason::InvalidTopic,
+    DeadLetterReason::PayloadTooLarge,
+    DeadLetterReason::InvalidJson,
+    DeadLetterReason::NoMatchingRoute,
+    DeadLetterReason::SchemaViolation,
+];
 
 /// Where a message goes, with which key and headers.
 #[derive(Debug)]
@@ -72,18 +38,18 @@ pub struct Outgoing<'r> {
     pub key: String,
     pub headers: OwnedHeaders,
     /// Set for dead letters.
-    pub reason: Option<Reason>,
+    pub reason: Option<DeadLetterReason>,
 }
 
 /// A dead letter in the making.
 struct Refusal {
-    reason: Reason,
+    reason: DeadLetterReason,
     detail: String,
     schema: Option<(String, String)>,
 }
 
 impl Refusal {
-    fn new(reason: Reason, detail: String) -> Self {
+    fn new(reason: DeadLetterReason, detail: String) -> Self {
         Refusal {
             reason,
             detail,
@@ -125,11 +91,11 @@ pub fn route<'r>(
             if let Some((instance_path, keyword)) = &refusal.schema {
                 headers = headers
                     .insert(Header {
-                        key: DLQ_SCHEMA_INSTANCE_PATH,
+                        key: header::DLQ_SCHEMA_INSTANCE_PATH,
                         value: Some(instance_path),
                     })
                     .insert(Header {
-                        key: DLQ_SCHEMA_KEYWORD,
+                        key: header::DLQ_SCHEMA_KEYWORD,
                         value: Some(keyword),
                     });
             }
@@ -150,8 +116,7 @@ fn check<'r>(
     router: &'r Router,
     max_payload_bytes: usize,
 ) -> Result<(&'r str, String), Refusal> {
-    let invalid_topic =
-        |detail: String| Refusal::new(Reason::Contract(DeadLetterReason::InvalidTopic), detail);
+    let invalid_topic = |detail: String| Refusal::new(DeadLetterReason::InvalidTopic, detail);
     if std::str::from_utf8(&publish.topic).is_err() {
         return Err(invalid_topic("topic is not valid UTF-8".into()));
     }
@@ -160,7 +125,7 @@ fn check<'r>(
         return Err(match contract::parse_telemetry_topic(topic.as_bytes()) {
             Err(error) => invalid_topic(format!("{error}, and no route matches it")),
             Ok(_) => Refusal::new(
-                Reason::NoMatchingRoute,
+                DeadLetterReason::NoMatchingRoute,
                 format!("no route matches topic '{topic}'; add one to `routes`"),
             ),
         });
@@ -173,7 +138,7 @@ fn check<'r>(
     let size = publish.payload.len();
     if size > max_payload_bytes {
         return Err(Refusal::new(
-            Reason::Contract(DeadLetterReason::PayloadTooLarge),
+            DeadLetterReason::PayloadTooLarge,
             format!("payload is {size} bytes; the limit is {max_payload_bytes}"),
         ));
     }
@@ -182,7 +147,7 @@ fn check<'r>(
             Ok(()) => {}
             Err(Rejection::NotJson(error)) => {
                 return Err(Refusal::new(
-                    Reason::Contract(DeadLetterReason::InvalidJson),
+                    DeadLetterReason::InvalidJson,
                     format!(
                         "payload is not valid JSON ({error}); schema {} needs JSON",
                         schema.name()
@@ -200,7 +165,7 @@ fn check<'r>(
                     format!("'{instance_path}'")
                 };
                 let mut refusal = Refusal::new(
-                    Reason::SchemaViolation,
+                    DeadLetterReason::SchemaViolation,
                     format!(
                         "schema {} refused {location} (keyword '{keyword}'): {message}",
                         schema.name()
@@ -389,11 +354,11 @@ mod tests {
             DLQ,
         );
         assert_eq!(
-            header_value(&out.headers, DLQ_SCHEMA_INSTANCE_PATH),
+            header_value(&out.headers, header::DLQ_SCHEMA_INSTANCE_PATH),
             Some("/v")
         );
         assert_eq!(
-            header_value(&out.headers, DLQ_SCHEMA_KEYWORD),
+            header_value(&out.headers, header::DLQ_SCHEMA_KEYWORD),
             Some("maximum")
         );
 
@@ -435,14 +400,9 @@ mod tests {
     }
 
     #[test]
-    fn reason_codes_are_unique_and_extend_the_contract() {
-        let codes: std::collections::BTreeSet<_> = Reason::ALL.iter().map(|r| r.code()).collect();
-        assert_eq!(codes.len(), Reason::ALL.len());
-        for reason in DeadLetterReason::ALL {
-            assert!(
-                !["no_matching_route", "schema_violation"].contains(&reason.code()),
-                "the bridge's own codes must not collide with the contract's"
-            );
+    fn the_bridge_gives_only_contract_reasons() {
+        for reason in REASONS {
+            assert!(DeadLetterReason::ALL.contains(&reason), "{reason}");
         }
     }
 }

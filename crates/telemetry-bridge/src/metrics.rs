@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::forward::Reason;
+use telemetry_core::contract::DeadLetterReason;
 
 pub const MESSAGES_RECEIVED: &str = "telemetry_bridge_messages_received_total";
 pub const MESSAGES_FORWARDED: &str = "telemetry_bridge_messages_forwarded_total";
@@ -20,7 +20,7 @@ pub fn received() {
     metrics::counter!(MESSAGES_RECEIVED).increment(1);
 }
 
-pub fn dead_letter(reason: Reason) {
+pub fn dead_letter(reason: DeadLetterReason) {
     metrics::counter!(DEAD_LETTERS, "reason" => reason.code()).increment(1);
 }
 

@@ -8,7 +8,6 @@ use std::time::Duration;
 use common::{bridge_config, read_topic, topics, InProcess, Record};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use telemetry_bridge::config::RouteConfig;
-use telemetry_bridge::forward::{DLQ_SCHEMA_INSTANCE_PATH, DLQ_SCHEMA_KEYWORD};
 use telemetry_core::contract::header;
 use test_servers::{shared, unique_name};
 
@@ -150,8 +149,11 @@ async fn each_kind_of_bad_input_reaches_the_dead_letter_topic_with_its_reason_an
     let [violation] = &by_reason(&letters, "schema_violation")[..] else {
         panic!("one schema_violation letter: {letters:#?}")
     };
-    assert_eq!(violation.headers[DLQ_SCHEMA_INSTANCE_PATH], "/temperature");
-    assert_eq!(violation.headers[DLQ_SCHEMA_KEYWORD], "maximum");
+    assert_eq!(
+        violation.headers[header::DLQ_SCHEMA_INSTANCE_PATH],
+        "/temperature"
+    );
+    assert_eq!(violation.headers[header::DLQ_SCHEMA_KEYWORD], "maximum");
     assert!(
         violation.headers[header::DLQ_DETAIL].contains("thermometer.json"),
         "{:?}",

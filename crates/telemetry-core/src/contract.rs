@@ -48,6 +48,10 @@ pub mod header {
     pub const DLQ_SOURCE_TOPIC: &str = "dlq_source_topic";
     pub const DLQ_SOURCE_PARTITION: &str = "dlq_source_partition";
     pub const DLQ_SOURCE_OFFSET: &str = "dlq_source_offset";
+    /// Dead-letter records with reason `schema_violation`: the JSON Pointer of the value that
+    /// broke the schema, and the schema keyword that failed.
+    pub const DLQ_SCHEMA_INSTANCE_PATH: &str = "dlq_schema_instance_path";
+    pub const DLQ_SCHEMA_KEYWORD: &str = "dlq_schema_keyword";
 }
 
 /// One device, as named by its MQTT topic and its Kafka key.
@@ -234,10 +238,15 @@ pub enum DeadLetterReason {
     InvalidReading,
     NoReadings,
     RejectedByDatabase,
+    /// The topic has the contract's shape but none of the bridge's routes covers it: a gap in
+    /// the configuration rather than a device fault.
+    NoMatchingRoute,
+    /// The payload is JSON but breaks its bridge route's JSON Schema.
+    SchemaViolation,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 10] = [
+    pub const ALL: [DeadLetterReason; 12] = [
         DeadLetterReason::InvalidTopic,
         DeadLetterReason::InvalidKey,
         DeadLetterReason::PayloadTooLarge,
@@ -248,6 +257,8 @@ impl DeadLetterReason {
         DeadLetterReason::InvalidReading,
         DeadLetterReason::NoReadings,
         DeadLetterReason::RejectedByDatabase,
+        DeadLetterReason::NoMatchingRoute,
+        DeadLetterReason::SchemaViolation,
     ];
 
     pub fn code(self) -> &'static str {
@@ -262,6 +273,8 @@ impl DeadLetterReason {
             DeadLetterReason::InvalidReading => "invalid_reading",
             DeadLetterReason::NoReadings => "no_readings",
             DeadLetterReason::RejectedByDatabase => "rejected_by_database",
+            DeadLetterReason::NoMatchingRoute => "no_matching_route",
+            DeadLetterReason::SchemaViolation => "schema_violation",
         }
     }
 }
