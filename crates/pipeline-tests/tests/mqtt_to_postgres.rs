@@ -13,7 +13,7 @@ use telemetry_core::observe::HttpConfig;
 use telemetry_core::Shutdown;
 use telemetry_worker::WorkerConfig;
 
-use test_servers::{free_addr, http_get, read_at_least, shared, unique_name, KafkaRecord, Servers};
+use test_servers::{free_addr, http_get, shared, unique_name, Servers};
 use tokio::task::JoinHandle;
 
 /// One test's own database, topics and consumer group on the shared servers.
@@ -188,17 +188,7 @@ impl Fixture {
     /// Reads the dead-letter topic until `count` letters are there: each as header name ->
     /// value, plus "key" and "payload".
     fn read_dead_letters(&self, count: usize) -> Vec<BTreeMap<String, String>> {
-        tokio::task::block_in_place(|| {
-            read_at_least(
-                &self.kafka.brokers,
-                &self.kafka.dlq_topic,
-                count,
-                Duration::from_secs(60),
-            )
-        })
-        .into_iter()
-        .map(KafkaRecord::into_fields)
-        .collect()
+        test_servers::read_dead_letters(&self.kafka.brokers, &self.kafka.dlq_topic, count)
     }
 }
 

@@ -42,7 +42,7 @@ pub use logs::log_dir;
 pub use mosquitto::Mosquitto;
 pub use pgbouncer::PgBouncer;
 pub use postgres::Postgres;
-pub use records::{read_at_least, read_topic, KafkaRecord};
+pub use records::{read_at_least, read_dead_letters, read_topic, KafkaRecord};
 pub use tansu::Tansu;
 
 /// One server of each kind, shared by every test of a test binary.

@@ -46,6 +46,22 @@ pub fn read_at_least(
     records
 }
 
+/// Reads a dead-letter topic until at least `count` letters are there (panics after a minute),
+/// each as its headers plus "key" and "payload". Callable from a multi-threaded tokio test: the
+/// blocking read runs in place without stalling the runtime's other tasks.
+pub fn read_dead_letters(
+    bootstrap: &str,
+    dlq_topic: &str,
+    count: usize,
+) -> Vec<BTreeMap<String, String>> {
+    let read = || read_at_least(bootstrap, dlq_topic, count, Duration::from_secs(60));
+    let records = match tokio::runtime::Handle::try_current() {
+        Ok(_) => tokio::task::block_in_place(read),
+        Err(_) => read(),
+    };
+    records.into_iter().map(KafkaRecord::into_fields).collect()
+}
+
 /// Reads `topic` from the start, in a group of its own, until `done` says enough arrived (or
 /// `wait` passes), then one more second so that records beyond it would show. Blocks.
 pub fn read_topic(

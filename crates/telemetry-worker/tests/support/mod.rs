@@ -15,10 +15,7 @@ use telemetry_core::kafka::KafkaConfig;
 use telemetry_core::observe::HttpConfig;
 use telemetry_core::Shutdown;
 use telemetry_worker::WorkerConfig;
-use test_servers::{
-    free_addr, read_at_least, read_topic, shared, unique_name, KafkaRecord, PgBouncer, Postgres,
-    Tansu,
-};
+use test_servers::{free_addr, read_topic, shared, unique_name, PgBouncer, Postgres, Tansu};
 use tokio::task::JoinHandle;
 
 /// One test's own database, topics and consumer groups.
@@ -306,17 +303,7 @@ impl Fixture {
     /// Reads the dead-letter topic until `count` letters are there: each as header name ->
     /// value, plus "key" and "payload".
     pub fn read_dead_letters(&self, count: usize) -> Vec<BTreeMap<String, String>> {
-        tokio::task::block_in_place(|| {
-            read_at_least(
-                &self.kafka.brokers,
-                &self.kafka.dlq_topic,
-                count,
-                Duration::from_secs(60),
-            )
-        })
-        .into_iter()
-        .map(KafkaRecord::into_fields)
-        .collect()
+        test_servers::read_dead_letters(&self.kafka.brokers, &self.kafka.dlq_topic, count)
     }
 
     /// Waits until no partition has a replay window left, i.e. every replay was read.
