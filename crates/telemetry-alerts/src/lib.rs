@@ -26,6 +26,6 @@ pub mod watch;
 pub use config::AlertsConfig;
 pub use engine::{alert_id, evaluate, AlertEvent, DeviceState, EventKind, Reading};
 pub use error::AlertError;
-pub use outbox::{Outbox, OutboxConfig, OutboxWaker, SCHEMA_SQL};
+pub use outbox::{Outbox, OutboxConfig, OutboxWaker, RELEASE_SQL, SCHEMA_SQL};
 pub use rules::{RuleSet, Severity};
 pub use watch::{RulesConfig, RulesWatcher};

@@ -7,7 +7,7 @@ use crate::engine::{AlertEvent, EventKind};
 pub const ALERTS_RAISED: &str = "telemetry_alerts_raised_total";
 /// Alerts cleared; counted once their batch is committed.
 pub const ALERTS_CLEARED: &str = "telemetry_alerts_cleared_total";
-/// Alert messages the MQTT broker acknowledged (QoS 1) and the outbox marked published.
+/// Alert messages the MQTT broker confirmed (QoS 2, PUBCOMP) and the outbox marked published.
 pub const ALERTS_PUBLISHED: &str = "telemetry_alerts_published_total";
 /// Alert rows waiting in the outbox (`published_at IS NULL`), across all replicas.
 pub const OUTBOX_PENDING: &str = "telemetry_alerts_outbox_pending";

@@ -10,10 +10,11 @@ use chrono::DateTime;
 use deadpool_postgres::Pool;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
+use telemetry_alerts::outbox::session::{Outgoing, Session};
 use telemetry_alerts::outbox::{self, MqttConfig};
 use telemetry_alerts::{
     evaluate, AlertEvent, DeviceState, EventKind, Outbox, OutboxConfig, Reading, RuleSet,
-    SCHEMA_SQL,
+    RELEASE_SQL, SCHEMA_SQL,
 };
 use telemetry_core::contract::DeviceId;
 use telemetry_core::Shutdown;
@@ -40,6 +41,9 @@ severity = "warning"
 struct Database {
     pool: Pool,
     direct: tokio_postgres::Client,
+    /// The publishing sessions' client id prefix, shared by every publisher on this table as
+    /// replicas share it.
+    sessions: String,
 }
 
 async fn fresh_database() -> Database {
@@ -52,12 +56,17 @@ async fn fresh_database() -> Database {
             .unwrap();
     tokio::spawn(connection);
     direct.batch_execute(SCHEMA_SQL).await.unwrap();
+    direct.batch_execute(RELEASE_SQL).await.unwrap();
     let pool = telemetry_worker::create_pool(&PostgresConfig {
         url: servers.pgbouncer.url(&name),
         ..PostgresConfig::default()
     })
     .unwrap();
-    Database { pool, direct }
+    Database {
+        pool,
+        direct,
+        sessions: unique_name("outbox"),
+    }
 }
 
 impl Database {
@@ -230,7 +239,7 @@ struct Publisher {
 
 impl Publisher {
     fn start(
-        pool: &Pool,
+        db: &Database,
         host: &str,
         port: u16,
         tune: impl FnOnce(&mut OutboxConfig),
@@ -239,7 +248,7 @@ impl Publisher {
             mqtt: MqttConfig {
                 host: host.to_owned(),
                 port,
-                client_id: unique_name("outbox"),
+                client_id: db.sessions.clone(),
                 ..MqttConfig::default()
             },
             ..OutboxConfig::default()
@@ -249,7 +258,7 @@ impl Publisher {
         let waker = outbox.waker();
         let shutdown = Shutdown::new();
         let task = tokio::spawn({
-            let (pool, shutdown) = (pool.clone(), shutdown.clone());
+            let (pool, shutdown) = (db.pool.clone(), shutdown.clone());
             async move { outbox.run(pool, shutdown).await.unwrap() }
         });
         Publisher {
@@ -328,7 +337,7 @@ async fn stored_alerts_are_published_once_in_order_and_seen_by_the_owner() {
     assert_eq!(db.store(&first).await, 12);
     assert_eq!(db.store(&neighbour.events(2)).await, 2);
     // A long poll interval: only the wake-up can explain a quick publish.
-    let publisher = Publisher::start(&db.pool, host, port, |c| c.poll_interval_ms = 600_000);
+    let publisher = Publisher::start(&db, host, port, |c| c.poll_interval_ms = 600_000);
     assert_eq!(db.store(&second).await, 6);
     publisher.waker.wake();
 
@@ -382,7 +391,7 @@ async fn alerts_wait_in_the_outbox_while_the_broker_is_down_and_go_out_once_when
     let db = fresh_database().await;
     let user = unique_name("owner");
     let mut subscriber = Subscriber::start(&host, port, &user, true).await;
-    let publisher = Publisher::start(&db.pool, &host, port, |c| c.poll_interval_ms = 200);
+    let publisher = Publisher::start(&db, &host, port, |c| c.poll_interval_ms = 200);
     let mut fleet = Fleet::new(&user, 4, 2);
 
     let before = fleet.events(3);
@@ -424,8 +433,8 @@ async fn two_publishers_on_one_table_publish_every_alert_once_and_in_order() {
         c.batch_size = 7;
         c.poll_interval_ms = 10;
     };
-    let one = Publisher::start(&db.pool, host, port, tune);
-    let two = Publisher::start(&db.pool, host, port, tune);
+    let one = Publisher::start(&db, host, port, tune);
+    let two = Publisher::start(&db, host, port, tune);
     let mut fleet = Fleet::new(&user, 12, 4);
 
     let mut stored = Vec::new();
@@ -443,6 +452,89 @@ async fn two_publishers_on_one_table_publish_every_alert_once_and_in_order() {
     db.wait_until_all_published().await;
     one.stop().await;
     two.stop().await;
+}
+
+/// A publisher killed in the middle of a round leaves each row at one of three points. The
+/// next publisher, on the same sessions, finishes every one without a repeat:
+/// - received by the broker and never released (no `released_at`): published again under the
+///   same packet id, which the broker recognises as the message it holds;
+/// - `released_at` committed, PUBREL never sent: released;
+/// - released and confirmed, `published_at` never set: released again, which delivers nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_killed_at_any_step_of_a_round_is_finished_by_the_next_without_repeats() {
+    let servers = shared();
+    let db = fresh_database().await;
+    let user = unique_name("owner");
+    let (host, port) = (servers.mosquitto.host(), servers.mosquitto.port());
+    let mut subscriber = Subscriber::start(host, port, &user, false).await;
+    // One partition, three devices: one per point, so each device's order stands alone.
+    let mut fleet = Fleet::new(&user, 3, 1);
+    let events = fleet.events(4);
+    assert_eq!(db.store(&events).await, 12);
+    let of = |device: &str| -> Vec<AlertEvent> {
+        events
+            .iter()
+            .filter(|e| e.device.device == device)
+            .cloned()
+            .collect()
+    };
+    let rows = db
+        .direct
+        .query("SELECT id, device_id, body FROM alerts ORDER BY id", &[])
+        .await
+        .unwrap();
+    let outgoing: Vec<(String, Outgoing)> = rows
+        .iter()
+        .map(|row| {
+            let device = DeviceId::new(&user, row.get::<_, &str>(1)).unwrap();
+            let body: Value = row.get(2);
+            let message = Outgoing {
+                pkid: outbox::packet_id(row.get(0)),
+                topic: device.alerts_topic(),
+                payload: serde_json::to_vec(&body).unwrap(),
+            };
+            (device.device, message)
+        })
+        .collect();
+
+    // The killed publisher, step by step, on partition 0's session.
+    let config = MqttConfig {
+        host: host.to_owned(),
+        port,
+        ..MqttConfig::default()
+    };
+    let deadline = || Instant::now() + Duration::from_secs(10);
+    let mut session = Session::connect(&config, &format!("{}-p0", db.sessions), deadline())
+        .await
+        .unwrap();
+    let all: Vec<Outgoing> = outgoing.iter().map(|(_, m)| m.clone()).collect();
+    session.publish(&all, deadline()).await.unwrap();
+    db.direct
+        .execute(
+            "UPDATE alerts SET released_at = now() WHERE device_id IN ('thermo-1', 'thermo-2')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let confirmed: Vec<u16> = outgoing
+        .iter()
+        .filter(|(device, _)| device == "thermo-2")
+        .map(|(_, m)| m.pkid)
+        .collect();
+    session.release(&confirmed, deadline()).await.unwrap();
+    // No DISCONNECT: the connection just ends, as when the process is killed.
+    drop(session);
+
+    // Mosquitto delivers a QoS 2 message when it is released: so far only thermo-2's.
+    let early = subscriber.receive(4).await;
+    assert_delivered_once_in_order(&early, &of("thermo-2"));
+
+    let publisher = Publisher::start(&db, host, port, |c| c.poll_interval_ms = 100);
+    db.wait_until_all_published().await;
+    let late = subscriber.receive(8).await;
+    let rest: Vec<AlertEvent> = of("thermo-0").into_iter().chain(of("thermo-1")).collect();
+    assert_delivered_once_in_order(&late, &rest);
+    publisher.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,7 +67,8 @@ struct Cli {
     /// MQTT broker port that alerts are published to (alerts.outbox.mqtt.port).
     #[arg(long, global = true)]
     alerts_mqtt_port: Option<u16>,
-    /// MQTT client id of the alert publisher; unique per replica (alerts.outbox.mqtt.client_id).
+    /// Prefix of the alert publisher's MQTT sessions, `{id}-p{partition}`; the same on every
+    /// replica (alerts.outbox.mqtt.client_id).
     #[arg(long, global = true)]
     alerts_mqtt_client_id: Option<String>,
 }

@@ -47,6 +47,11 @@ pub const MIGRATIONS: Migrations = Migrations {
             name: "device_latest_hot_updates",
             sql: include_str!("../migrations/0005_device_latest_hot_updates.sql"),
         },
+        Migration {
+            version: 6,
+            name: "alerts_released",
+            sql: telemetry_alerts::RELEASE_SQL,
+        },
     ],
 };
 

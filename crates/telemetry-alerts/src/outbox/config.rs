@@ -15,9 +15,14 @@ pub struct OutboxConfig {
     pub poll_interval_ms: u64,
     /// Most alerts published in one round (one transaction).
     pub batch_size: usize,
-    /// How long, in milliseconds, the broker may take to acknowledge a round's messages before
-    /// the round is abandoned and retried on a new connection.
+    /// How long, in milliseconds, the broker may take to answer each step of a round
+    /// (connecting, receiving a group of messages, releasing them) before the round is
+    /// abandoned and retried.
     pub ack_timeout_ms: u64,
+    /// Most messages of one partition's session that the broker holds unreleased at once. The
+    /// broker bounds it too: Mosquitto takes `max_inflight_messages` plus its queue, EMQX
+    /// `mqtt.max_awaiting_rel` (100 by default). Each group costs one database write.
+    pub max_in_flight: usize,
 }
 
 impl Default for OutboxConfig {
@@ -27,6 +32,7 @@ impl Default for OutboxConfig {
             poll_interval_ms: 1_000,
             batch_size: 500,
             ack_timeout_ms: 10_000,
+            max_in_flight: 20,
         }
     }
 }
@@ -42,15 +48,18 @@ impl OutboxConfig {
 }
 
 /// The broker alerts are published to. Its user needs write access to
-/// `users/+/devices/+/alerts`; a broker that denies a QoS 1 publish may still acknowledge it
-/// (MQTT 3.1.1 has no way to say no), and the alert would then count as published.
+/// `users/+/devices/+/alerts`; a broker that denies a publish may still acknowledge it (MQTT
+/// 3.1.1 has no way to say no), and the alert would then count as published.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
     pub host: String,
     pub port: u16,
-    /// Must differ between replicas: the broker disconnects a client when another connects with
-    /// the same id.
+    /// Prefix of the publishing sessions, the same on every replica of a deployment: a
+    /// partition's alerts are published on the persistent session `{client_id}-p{partition}`,
+    /// so whichever replica publishes the partition next can finish what a crashed one left
+    /// half-done. Replicas never connect with the same id at once: a session is used only by
+    /// the replica holding its partition's lock.
     pub client_id: String,
     pub username: Option<String>,
     /// Never logged.
@@ -83,10 +92,10 @@ impl Validate for OutboxConfig {
                 "must be between 1 and 65535",
             ));
         }
-        if mqtt.client_id.is_empty() || mqtt.client_id.len() > 92 {
+        if mqtt.client_id.is_empty() || mqtt.client_id.len() > 80 {
             return Err(ConfigError::invalid(
                 "alerts.outbox.mqtt.client_id",
-                "must be 1 to 92 characters and differ between replicas",
+                "must be 1 to 80 characters (the partition is appended), the same on every replica",
             ));
         }
         if mqtt.password.is_some() && mqtt.username.is_none() {
@@ -117,6 +126,12 @@ impl Validate for OutboxConfig {
             return Err(ConfigError::invalid(
                 "alerts.outbox.ack_timeout_ms",
                 "must be between 100 and 600000",
+            ));
+        }
+        if !(1..=1_000).contains(&self.max_in_flight) {
+            return Err(ConfigError::invalid(
+                "alerts.outbox.max_in_flight",
+                "must be between 1 and 1000, and within what the broker holds per session",
             ));
         }
         Ok(())

@@ -2,9 +2,11 @@
 //!
 //! - [`store`]: functions the worker calls inside its batch transaction: insert a batch's alert
 //!   events, load and save per-device rule state.
-//! - [`publish`]: [`Outbox`], which publishes unpublished rows with QoS 1 in order per device
-//!   and marks them published once the broker acknowledged them (the guarantee is stated
-//!   there).
+//! - [`publish`]: [`Outbox`], which publishes unpublished rows with QoS 2 in order per device
+//!   and marks them published once the broker confirmed them; exactly once, even across a
+//!   crash (the guarantee and its conditions are stated there).
+//! - [`session`]: the small MQTT client that lets the outbox choose packet ids and the moment
+//!   of release.
 //! - [`config`]: the publisher's settings.
 //!
 //! Writing alerts in the batch's transaction and publishing them afterwards means an alert
@@ -13,11 +15,15 @@
 
 pub mod config;
 pub mod publish;
+pub mod session;
 pub mod store;
 
 pub use config::{MqttConfig, OutboxConfig};
-pub use publish::{Outbox, OutboxWaker};
+pub use publish::{packet_id, Outbox, OutboxWaker};
 pub use store::{insert_events, load_states, save_states};
 
 /// The `alerts` and `alert_state` tables; the worker applies it as one of its migrations.
 pub const SCHEMA_SQL: &str = include_str!("../../sql/alerts.sql");
+
+/// `alerts.released_at`, which exactly-once publishing needs; applied after [`SCHEMA_SQL`].
+pub const RELEASE_SQL: &str = include_str!("../../sql/alerts_release.sql");

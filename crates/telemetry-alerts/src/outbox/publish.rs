@@ -1,4 +1,5 @@
-//! The outbox publisher: unpublished rows of `alerts` -> MQTT, QoS 1, in order per device.
+//! The outbox publisher: unpublished rows of `alerts` -> MQTT, QoS 2, exactly once, in order
+//! per device.
 //!
 //! Each round is one transaction that
 //!
@@ -6,34 +7,42 @@
 //!    each, skipping those another replica is publishing right now;
 //! 2. reads the locked partitions' unpublished rows in `id` order (a later statement than the
 //!    lock, so it sees whatever the previous lock holder committed);
-//! 3. publishes each body to `users/{user}/devices/{device}/alerts` with QoS 1 and waits until
-//!    the broker acknowledged every one;
-//! 4. sets `published_at` and commits, which releases the locks.
+//! 3. publishes each partition's rows on that partition's persistent MQTT session
+//!    (`{client_id}-p{partition}`, the same on every replica), in groups: PUBLISH with QoS 2
+//!    under a packet id derived from the row id, wait for every PUBREC, commit `released_at`
+//!    (on a second connection, so the locks stay held), send PUBREL, wait for every PUBCOMP;
+//! 4. sets `published_at` on the rows that completed and commits, which releases the locks.
 //!
-//! Guarantee: every stored alert is published at least once, and in `id` order per partition,
-//! hence per device (the worker writes a partition's batches one at a time, so ids follow the
-//! readings). It is published exactly once unless the round fails after the broker accepted a
-//! message (connection lost before all PUBACKs, or the commit failed): the round is then
-//! published again in full, and the subscriber sees the repeat under the same `alert_id`. A
-//! broker outage leaves the rows waiting; a failed round drops its MQTT connection, so the
-//! client library never resends on its own behalf what the next round will send anyway.
+//! Why that is exactly once: the broker delivers a QoS 2 message once, and until it is
+//! released it recognises a PUBLISH under the same packet id as the one it holds. A publisher
+//! that dies at any step leaves rows that the next lock holder, on the same session, finishes:
+//! a row without `released_at` was never released, so publishing it again under its packet id
+//! cannot make a second copy; a row with it may have been delivered, so it is only released
+//! again, which delivers nothing new. Mosquitto delivers on release and holds unreleased
+//! messages without a time limit; EMQX delivers on receipt and recognises a resend for
+//! `mqtt.await_rel_timeout` (300 s by default), so a publisher gone longer than that on EMQX
+//! can repeat an alert. A broker that loses its sessions (restarted without persistence)
+//! makes the publisher resend rows whose release was unconfirmed, at least once: logged.
+//!
+//! Order: a partition's rows are published in `id` order, one group after the other, and a
+//! device's rows are in one partition (the worker writes a partition's batches one at a time,
+//! so ids follow the readings). A broker outage leaves the rows waiting.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::Pool;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, QoS};
+use deadpool_postgres::{Object, Pool};
 use telemetry_core::backoff::Backoff;
 use telemetry_core::config::Validate;
 use telemetry_core::contract::DeviceId;
 use telemetry_core::Shutdown;
-use tokio::sync::{mpsc, Notify};
-use tokio::task::JoinHandle;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_postgres::types::Type;
 
-use super::config::{MqttConfig, OutboxConfig};
+use super::config::OutboxConfig;
+use super::session::{Outgoing, Session};
 use crate::error::{step, AlertError};
 use crate::metrics;
 
@@ -57,10 +66,10 @@ SELECT p FROM pending WHERE p IS NOT NULL AND pg_try_advisory_xact_lock($1, p)";
 
 /// The oldest unpublished rows of the locked partitions, each partition read in index order.
 const SELECT_UNPUBLISHED: &str = "
-SELECT a.id, a.user_id, a.device_id, a.body
+SELECT a.id, a.kafka_partition, a.user_id, a.device_id, a.body, a.released_at IS NOT NULL
 FROM unnest($1::int4[]) AS l(p)
 CROSS JOIN LATERAL (
-    SELECT id, user_id, device_id, body FROM alerts
+    SELECT id, kafka_partition, user_id, device_id, body, released_at FROM alerts
     WHERE published_at IS NULL AND kafka_partition = l.p
     ORDER BY id LIMIT $2
 ) AS a
@@ -101,6 +110,57 @@ impl From<AlertError> for RoundError {
     }
 }
 
+/// One unpublished row, as a round reads it.
+#[derive(Debug, Clone)]
+struct Pending {
+    id: i64,
+    topic: String,
+    payload: Vec<u8>,
+    /// PUBREL may already have gone out for it (`released_at` is set).
+    released: bool,
+}
+
+impl Pending {
+    fn pkid(&self) -> u16 {
+        packet_id(self.id)
+    }
+
+    fn outgoing(&self) -> Outgoing {
+        Outgoing {
+            pkid: self.pkid(),
+            topic: self.topic.clone(),
+            payload: self.payload.clone(),
+        }
+    }
+}
+
+/// The packet id a row is always published under: derived from its id, so that any publisher
+/// resending it uses the one the broker may still hold. MQTT packet ids are 1..=65535.
+pub fn packet_id(row_id: i64) -> u16 {
+    (row_id.rem_euclid(65_535) + 1) as u16
+}
+
+/// Splits a partition's rows, in order, into groups of at most `max` that the broker holds
+/// unreleased at once; a group also ends before a packet id it already uses (rows 65,535 ids
+/// apart share one).
+fn in_flight_groups(rows: &[Pending], max: usize) -> Vec<&[Pending]> {
+    let mut groups = Vec::new();
+    let mut start = 0;
+    let mut used = HashSet::new();
+    for (index, row) in rows.iter().enumerate() {
+        if index - start == max || !used.insert(row.pkid()) {
+            groups.push(&rows[start..index]);
+            start = index;
+            used.clear();
+            used.insert(row.pkid());
+        }
+    }
+    if start < rows.len() {
+        groups.push(&rows[start..]);
+    }
+    groups
+}
+
 impl Outbox {
     pub fn new(config: OutboxConfig) -> Result<Outbox, AlertError> {
         config.validate()?;
@@ -119,54 +179,26 @@ impl Outbox {
     /// Publishes rounds until shutdown: at once when woken, else every poll interval; waits
     /// out database and broker outages. Finishes the round in progress before returning.
     pub async fn run(self, pool: Pool, shutdown: Shutdown) -> Result<(), AlertError> {
-        let mut session: Option<Session> = None;
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        // Capped low: alerts wait while the broker is away, so it is worth noticing its return
+        // within a couple of seconds.
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let mut gauge_due = Instant::now();
+        let mut failing: Option<String> = None;
         tracing::info!(
             broker = %format!("{}:{}", self.config.mqtt.host, self.config.mqtt.port),
-            client_id = %self.config.mqtt.client_id,
+            sessions = %format!("{}-p{{partition}}", self.config.mqtt.client_id),
             "alert outbox publishing"
         );
         while !shutdown.is_triggered() {
-            let current = session.get_or_insert_with(|| Session::open(&self.config));
-            current.drain_events();
-            if !current.connected {
-                // Keep the pending gauge fresh while the broker is away: it is what shows the
-                // backlog growing.
-                if Instant::now() >= gauge_due {
-                    gauge_due = Instant::now() + self.config.poll_interval();
-                    // The database may be away too; shutdown must not wait for it.
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.wait() => break,
-                        counted = refresh_pending(&pool) => if let Err(error) = counted {
-                            tracing::debug!(%error, "cannot count unpublished alerts");
-                        },
-                    }
-                }
-                let driver_gone = tokio::select! {
-                    biased;
-                    _ = shutdown.wait() => break,
-                    event = current.events.recv() => match event {
-                        Some(event) => {
-                            current.apply(event);
-                            false
-                        }
-                        None => true,
-                    },
-                    _ = tokio::time::sleep_until(gauge_due) => false,
-                };
-                if driver_gone {
-                    session = None;
-                }
-                continue;
-            }
             let count_pending = Instant::now() >= gauge_due;
-            match self.round(&pool, current, count_pending).await {
+            if count_pending {
+                gauge_due = Instant::now() + self.config.poll_interval();
+            }
+            match self.round(&pool, count_pending).await {
                 Ok(published) => {
                     backoff.reset();
-                    if count_pending {
-                        gauge_due = Instant::now() + self.config.poll_interval();
+                    if failing.take().is_some() {
+                        tracing::info!("alert outbox publishing again");
                     }
                     if published == self.config.batch_size {
                         continue; // more may be waiting
@@ -181,17 +213,16 @@ impl Outbox {
                 Err(error) => {
                     let (cause, message) = match error {
                         RoundError::Database(e) => ("postgres", e.to_string()),
-                        RoundError::Mqtt(e) => {
-                            // A new connection, so nothing of this round is resent behind our
-                            // back; the next round sends it again from the table.
-                            session = None;
-                            ("mqtt", e)
-                        }
+                        RoundError::Mqtt(e) => ("mqtt", e),
                     };
                     metrics::outbox_retry(cause);
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %message, retry_in_ms = delay.as_millis() as u64,
-                        "alerts not published; they stay in the outbox and are retried");
+                    // A broker that stays down fails every round the same way: say it once.
+                    if failing.as_ref() != Some(&message) {
+                        tracing::warn!(error = %message, retry_in_ms = delay.as_millis() as u64,
+                            "alerts not published; they stay in the outbox and are retried");
+                        failing = Some(message);
+                    }
                     tokio::select! {
                         biased;
                         _ = shutdown.wait() => break,
@@ -200,21 +231,14 @@ impl Outbox {
                 }
             }
         }
-        if let Some(session) = session {
-            session.close().await;
-        }
         tracing::info!("alert outbox stopped");
         Ok(())
     }
 
-    /// One transaction: lock partitions, publish their oldest unpublished rows, mark them.
-    /// Returns how many alerts were published.
-    async fn round(
-        &self,
-        pool: &Pool,
-        session: &mut Session,
-        count_pending: bool,
-    ) -> Result<usize, RoundError> {
+    /// One transaction: lock partitions, publish their oldest unpublished rows (each partition
+    /// on its own session, all at once), mark those that completed. Returns how many alerts
+    /// were published; an error after some partitions completed still marks those.
+    async fn round(&self, pool: &Pool, count_pending: bool) -> Result<usize, RoundError> {
         let mut client = pool.get().await.map_err(AlertError::Pool)?;
         let tx = client
             .transaction()
@@ -227,57 +251,157 @@ impl Outbox {
             .iter()
             .map(|row| row.get(0))
             .collect();
+        if count_pending {
+            // Counted before publishing, so the gauge also shows a backlog the broker's
+            // absence keeps from shrinking.
+            metrics::pending(count_unpublished(&tx).await?);
+        }
+        if partitions.is_empty() {
+            tx.commit().await.map_err(step("ending an outbox round"))?;
+            return Ok(0);
+        }
+        let by_partition = self.read_unpublished(&tx, &partitions).await?;
+        // Release marks must be durable before PUBREL goes out, while this transaction keeps
+        // holding the partitions' locks; so they are committed on a second connection.
+        let recorder = pool.get().await.map_err(AlertError::Pool)?;
+        let outcomes = futures::future::join_all(
+            by_partition
+                .iter()
+                .map(|(partition, rows)| self.publish_partition(&recorder, *partition, rows)),
+        )
+        .await;
+        drop(recorder);
         let mut published = Vec::new();
-        if !partitions.is_empty() {
-            let limit = self.config.batch_size as i64;
-            let rows = tx
-                .query_typed(
-                    SELECT_UNPUBLISHED,
-                    &[(&partitions, Type::INT4_ARRAY), (&limit, Type::INT8)],
-                )
-                .await
-                .map_err(step("reading unpublished alerts"))?;
-            let mut messages = Vec::with_capacity(rows.len());
-            for row in &rows {
-                published.push(row.get::<_, i64>(0));
-                let device = DeviceId {
-                    user: row.get(1),
-                    device: row.get(2),
-                };
-                let body: serde_json::Value = row.get(3);
-                let payload = serde_json::to_vec(&body).expect("a JSON value serializes");
-                messages.push((device.alerts_topic(), payload));
-            }
-            session
-                .publish_all(messages, self.config.ack_timeout())
-                .await
-                .map_err(RoundError::Mqtt)?;
-            if !published.is_empty() {
-                tx.execute_typed(
-                    "UPDATE alerts SET published_at = clock_timestamp() WHERE id = ANY($1)",
-                    &[(&published, Type::INT8_ARRAY)],
-                )
-                .await
-                .map_err(step("marking alerts published"))?;
+        let mut failure = None;
+        for (done, outcome) in outcomes {
+            published.extend(done);
+            if let Err(error) = outcome {
+                failure.get_or_insert(error);
             }
         }
-        let pending = if count_pending {
-            Some(count_unpublished(&tx).await?)
-        } else {
-            None
-        };
+        if !published.is_empty() {
+            tx.execute_typed(
+                "UPDATE alerts SET published_at = clock_timestamp() WHERE id = ANY($1)",
+                &[(&published, Type::INT8_ARRAY)],
+            )
+            .await
+            .map_err(step("marking alerts published"))?;
+        }
         tx.commit()
             .await
             .map_err(step("committing published alerts"))?;
         metrics::published(published.len());
-        if let Some(pending) = pending {
-            metrics::pending(pending);
-        }
         if !published.is_empty() {
-            tracing::debug!(published = published.len(), ?partitions, client_id = %self.config.mqtt.client_id,
-                "alerts published");
+            tracing::debug!(published = published.len(), ?partitions, "alerts published");
         }
-        Ok(published.len())
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(published.len()),
+        }
+    }
+
+    async fn read_unpublished(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, Vec<Pending>>, AlertError> {
+        let limit = self.config.batch_size as i64;
+        let rows = tx
+            .query_typed(
+                SELECT_UNPUBLISHED,
+                &[(&partitions, Type::INT4_ARRAY), (&limit, Type::INT8)],
+            )
+            .await
+            .map_err(step("reading unpublished alerts"))?;
+        let mut by_partition: BTreeMap<i32, Vec<Pending>> = BTreeMap::new();
+        for row in &rows {
+            let device = DeviceId {
+                user: row.get(2),
+                device: row.get(3),
+            };
+            let body: serde_json::Value = row.get(4);
+            // jsonb reads back byte-for-byte the same each time, so a resent message matches
+            // the one the broker may hold, as the broker checks.
+            let payload = serde_json::to_vec(&body).expect("a JSON value serializes");
+            by_partition.entry(row.get(1)).or_default().push(Pending {
+                id: row.get(0),
+                topic: device.alerts_topic(),
+                payload,
+                released: row.get(5),
+            });
+        }
+        Ok(by_partition)
+    }
+
+    /// Publishes one partition's rows on its session, a group at a time: publish (PUBREC),
+    /// record the release, release (PUBCOMP). Returns the ids that completed, with the error
+    /// that stopped it, if any.
+    async fn publish_partition(
+        &self,
+        recorder: &Object,
+        partition: i32,
+        rows: &[Pending],
+    ) -> (Vec<i64>, Result<(), RoundError>) {
+        let mut done = Vec::new();
+        let outcome = self
+            .publish_groups(recorder, partition, rows, &mut done)
+            .await;
+        (done, outcome)
+    }
+
+    async fn publish_groups(
+        &self,
+        recorder: &Object,
+        partition: i32,
+        rows: &[Pending],
+        done: &mut Vec<i64>,
+    ) -> Result<(), RoundError> {
+        let timeout = self.config.ack_timeout();
+        let client_id = format!("{}-p{partition}", self.config.mqtt.client_id);
+        let mut session = Session::connect(&self.config.mqtt, &client_id, Instant::now() + timeout)
+            .await
+            .map_err(RoundError::Mqtt)?;
+        for group in in_flight_groups(rows, self.config.max_in_flight) {
+            // A broker that lost the session (restarted without persistence) no longer holds
+            // what an earlier round released but did not see confirmed: publishing those again
+            // may repeat one, not publishing them may lose it. Repeat rather than lose.
+            let resend: Vec<&Pending> = group
+                .iter()
+                .filter(|row| !row.released || !session.session_present)
+                .collect();
+            let repeated = resend.iter().filter(|row| row.released).count();
+            if repeated > 0 {
+                tracing::warn!(%client_id, repeated,
+                    "the broker lost this publishing session; alerts whose release was unconfirmed are published again and may arrive twice");
+            }
+            let outgoing: Vec<Outgoing> = resend.iter().map(|row| row.outgoing()).collect();
+            session
+                .publish(&outgoing, Instant::now() + timeout)
+                .await
+                .map_err(RoundError::Mqtt)?;
+            let newly_released: Vec<i64> = resend
+                .iter()
+                .filter(|row| !row.released)
+                .map(|row| row.id)
+                .collect();
+            if !newly_released.is_empty() {
+                recorder
+                    .execute_typed(
+                        "UPDATE alerts SET released_at = clock_timestamp() WHERE id = ANY($1)",
+                        &[(&newly_released, Type::INT8_ARRAY)],
+                    )
+                    .await
+                    .map_err(step("recording alerts about to be released"))?;
+            }
+            let pkids: Vec<u16> = group.iter().map(Pending::pkid).collect();
+            session
+                .release(&pkids, Instant::now() + timeout)
+                .await
+                .map_err(RoundError::Mqtt)?;
+            done.extend(group.iter().map(|row| row.id));
+        }
+        session.disconnect().await;
+        Ok(())
     }
 }
 
@@ -292,221 +416,57 @@ async fn count_unpublished(tx: &tokio_postgres::Transaction<'_>) -> Result<i64, 
     Ok(row.get(0))
 }
 
-async fn refresh_pending(pool: &Pool) -> Result<(), AlertError> {
-    let mut client = pool.get().await?;
-    let tx = client
-        .transaction()
-        .await
-        .map_err(step("beginning a transaction"))?;
-    let pending = count_unpublished(&tx).await?;
-    tx.commit().await.map_err(step("committing"))?;
-    metrics::pending(pending);
-    Ok(())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// What the MQTT event loop reports to the publisher.
-#[derive(Debug)]
-enum MqttEvent {
-    Connected,
-    Disconnected(String),
-    /// A publish went out with this packet id.
-    Sent(u16),
-    /// The broker acknowledged this packet id.
-    Acked(u16),
-}
-
-/// One MQTT connection (with its reconnects) and the task that drives its event loop, which
-/// must never be blocked.
-#[derive(Debug)]
-struct Session {
-    client: AsyncClient,
-    events: mpsc::UnboundedReceiver<MqttEvent>,
-    driver: JoinHandle<()>,
-    connected: bool,
-    /// The last connection error, so a broker that stays down is reported once.
-    last_error: Option<String>,
-}
-
-impl Session {
-    fn open(config: &OutboxConfig) -> Session {
-        let (client, mut eventloop) = AsyncClient::new(mqtt_options(&config.mqtt), 64);
-        // Without TCP_NODELAY a round's small publishes wait on Nagle's algorithm for the
-        // broker's delayed ACK, about 40 ms a round: most of the alert latency budget.
-        let mut network = NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        eventloop.set_network_options(network);
-        // Unbounded so the driver never waits on the publisher; it holds at most a round's
-        // worth of events (two per message) plus connection changes.
-        let (sender, events) = mpsc::unbounded_channel();
-        let driver = tokio::spawn(drive(eventloop, sender));
-        Session {
-            client,
-            events,
-            driver,
-            connected: false,
-            last_error: None,
-        }
-    }
-
-    fn apply(&mut self, event: MqttEvent) {
-        match event {
-            MqttEvent::Connected => {
-                self.connected = true;
-                self.last_error = None;
-                tracing::info!("alert outbox connected to the MQTT broker");
-            }
-            MqttEvent::Disconnected(error) => {
-                if self.connected || self.last_error.as_ref() != Some(&error) {
-                    tracing::warn!(%error, "alert outbox has no MQTT connection; alerts wait in the outbox");
-                }
-                self.connected = false;
-                self.last_error = Some(error);
-            }
-            // Outside a round there is nothing to match them with.
-            MqttEvent::Sent(_) | MqttEvent::Acked(_) => {}
-        }
-    }
-
-    fn drain_events(&mut self) {
-        while let Ok(event) = self.events.try_recv() {
-            self.apply(event);
-        }
-    }
-
-    /// Publishes every message with QoS 1 and returns once the broker acknowledged them all.
-    async fn publish_all(
-        &mut self,
-        messages: Vec<(String, Vec<u8>)>,
-        timeout: Duration,
-    ) -> Result<(), String> {
-        let total = messages.len();
-        let deadline = Instant::now() + timeout;
-        let mut unacked: HashSet<u16> = HashSet::new();
-        let mut acked = 0;
-        for (topic, payload) in messages {
-            // Stop early when the connection is gone rather than at the deadline.
-            while let Ok(event) = self.events.try_recv() {
-                self.track(event, &mut unacked, &mut acked)?;
-            }
-            let publish = self.client.publish(topic, QoS::AtLeastOnce, false, payload);
-            match tokio::time::timeout_at(deadline, publish).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => {
-                    return Err(format!("cannot hand a message to the MQTT client: {error}"))
-                }
-                Err(_) => {
-                    return Err(format!(
-                        "the MQTT client did not take the messages within {timeout:?}"
-                    ))
-                }
-            }
-        }
-        while acked < total {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(event)) => self.track(event, &mut unacked, &mut acked)?,
-                Ok(None) => return Err("the MQTT event loop stopped".into()),
-                Err(_) => {
-                    return Err(format!(
-                        "the broker acknowledged {acked} of {total} alerts within {timeout:?}"
-                    ))
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn track(
-        &mut self,
-        event: MqttEvent,
-        unacked: &mut HashSet<u16>,
-        acked: &mut usize,
-    ) -> Result<(), String> {
-        match event {
-            // Packet ids are reused once acknowledged, so a set of those in flight suffices;
-            // the event loop reports a publish before its acknowledgement.
-            MqttEvent::Sent(pkid) => {
-                unacked.insert(pkid);
-            }
-            MqttEvent::Acked(pkid) => {
-                if unacked.remove(&pkid) {
-                    *acked += 1;
-                }
-            }
-            MqttEvent::Connected => self.apply(MqttEvent::Connected),
-            MqttEvent::Disconnected(error) => {
-                let message = format!("lost the MQTT connection: {error}");
-                self.apply(MqttEvent::Disconnected(error));
-                return Err(message);
-            }
-        }
-        Ok(())
-    }
-
-    /// Disconnects cleanly, giving the event loop a moment to send the DISCONNECT.
-    async fn close(mut self) {
-        if self.connected && self.client.disconnect().await.is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                while let Some(event) = self.events.recv().await {
-                    if matches!(event, MqttEvent::Disconnected(_)) {
-                        break;
-                    }
-                }
+    fn rows(ids: &[i64]) -> Vec<Pending> {
+        ids.iter()
+            .map(|&id| Pending {
+                id,
+                topic: String::new(),
+                payload: Vec::new(),
+                released: false,
             })
-            .await;
-        }
+            .collect()
     }
-}
 
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.driver.abort();
+    fn group_ids(groups: Vec<&[Pending]>) -> Vec<Vec<i64>> {
+        groups
+            .iter()
+            .map(|g| g.iter().map(|r| r.id).collect())
+            .collect()
     }
-}
 
-fn mqtt_options(config: &MqttConfig) -> MqttOptions {
-    let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
-    // A clean session: the outbox table, not the broker, remembers what is left to send.
-    options
-        .set_clean_session(true)
-        .set_keep_alive(Duration::from_secs(config.keep_alive_secs));
-    if let Some(username) = &config.username {
-        options.set_credentials(username, config.password.as_deref().unwrap_or_default());
+    #[test]
+    fn packet_ids_are_never_zero_and_repeat_every_65535_rows() {
+        assert_eq!(packet_id(0), 1);
+        assert_eq!(packet_id(65_534), 65_535);
+        assert_eq!(packet_id(65_535), 1);
+        assert_eq!(packet_id(7), packet_id(7 + 65_535 * 3));
+        assert_ne!(packet_id(7), packet_id(8));
     }
-    options
-}
 
-/// Polls the event loop until the session is dropped, reporting what the publisher needs and
-/// reconnecting with back-off.
-async fn drive(mut eventloop: EventLoop, events: mpsc::UnboundedSender<MqttEvent>) {
-    // Short and capped low: alerts wait while the broker is away, so it is worth noticing its
-    // return within a couple of seconds.
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    loop {
-        let event = match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff.reset();
-                MqttEvent::Connected
-            }
-            Ok(Event::Incoming(Packet::PubAck(ack))) => MqttEvent::Acked(ack.pkid),
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => MqttEvent::Sent(pkid),
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                let _ = events.send(MqttEvent::Disconnected("disconnected on shutdown".into()));
-                return;
-            }
-            Ok(_) => continue,
-            Err(error) => {
-                if events
-                    .send(MqttEvent::Disconnected(error.to_string()))
-                    .is_err()
-                {
-                    return;
-                }
-                tokio::time::sleep(backoff.next_delay()).await;
-                continue;
-            }
-        };
-        if events.send(event).is_err() {
-            return;
-        }
+    #[test]
+    fn groups_hold_at_most_max_rows_in_order() {
+        let all = rows(&[1, 2, 3, 4, 5, 9]);
+        assert_eq!(
+            group_ids(in_flight_groups(&all, 2)),
+            vec![vec![1, 2], vec![3, 4], vec![5, 9]]
+        );
+        assert_eq!(
+            group_ids(in_flight_groups(&all, 10)),
+            vec![vec![1, 2, 3, 4, 5, 9]]
+        );
+        assert!(in_flight_groups(&[], 3).is_empty());
+    }
+
+    #[test]
+    fn a_group_ends_before_a_packet_id_it_already_uses() {
+        let all = rows(&[5, 6, 5 + 65_535, 7]);
+        assert_eq!(
+            group_ids(in_flight_groups(&all, 10)),
+            vec![vec![5, 6], vec![5 + 65_535, 7]]
+        );
     }
 }
