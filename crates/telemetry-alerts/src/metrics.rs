@@ -15,6 +15,8 @@ pub const OUTBOX_PENDING: &str = "telemetry_alerts_outbox_pending";
 pub const RULE_RELOADS: &str = "telemetry_alerts_rule_reloads_total";
 /// Outbox rounds that failed and will be retried, by cause (`postgres` or `mqtt`).
 pub const OUTBOX_RETRIES: &str = "telemetry_alerts_outbox_retries_total";
+/// Seconds an outbox round took that published something, from locking to commit.
+pub const OUTBOX_ROUND_SECONDS: &str = "telemetry_alerts_outbox_round_seconds";
 
 /// Counts the events of a batch. Call after the batch's transaction committed, so a batch that
 /// is retried is not counted twice.
@@ -40,6 +42,10 @@ pub(crate) fn pending(count: i64) {
 pub(crate) fn rule_reload(ok: bool) {
     let result = if ok { "ok" } else { "error" };
     metrics::counter!(RULE_RELOADS, "result" => result).increment(1);
+}
+
+pub(crate) fn outbox_round(took: std::time::Duration) {
+    metrics::histogram!(OUTBOX_ROUND_SECONDS).record(took.as_secs_f64());
 }
 
 pub(crate) fn outbox_retry(cause: &'static str) {

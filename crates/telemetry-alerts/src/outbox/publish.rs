@@ -28,11 +28,11 @@
 //! device's rows are in one partition (the worker writes a partition's batches one at a time,
 //! so ids follow the readings). A broker outage leaves the rows waiting.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Object, Pool};
+use deadpool_postgres::Pool;
 use telemetry_core::backoff::Backoff;
 use telemetry_core::config::Validate;
 use telemetry_core::contract::DeviceId;
@@ -184,6 +184,7 @@ impl Outbox {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let mut gauge_due = Instant::now();
         let mut failing: Option<String> = None;
+        let mut sessions = Sessions::new();
         tracing::info!(
             broker = %format!("{}:{}", self.config.mqtt.host, self.config.mqtt.port),
             sessions = %format!("{}-p{{partition}}", self.config.mqtt.client_id),
@@ -194,7 +195,7 @@ impl Outbox {
             if count_pending {
                 gauge_due = Instant::now() + self.config.poll_interval();
             }
-            match self.round(&pool, count_pending).await {
+            match self.round(&pool, count_pending, &mut sessions).await {
                 Ok(published) => {
                     backoff.reset();
                     if failing.take().is_some() {
@@ -231,6 +232,7 @@ impl Outbox {
                 }
             }
         }
+        futures::future::join_all(sessions.into_values().map(Session::disconnect)).await;
         tracing::info!("alert outbox stopped");
         Ok(())
     }
@@ -238,7 +240,13 @@ impl Outbox {
     /// One transaction: lock partitions, publish their oldest unpublished rows (each partition
     /// on its own session, all at once), mark those that completed. Returns how many alerts
     /// were published; an error after some partitions completed still marks those.
-    async fn round(&self, pool: &Pool, count_pending: bool) -> Result<usize, RoundError> {
+    async fn round(
+        &self,
+        pool: &Pool,
+        count_pending: bool,
+        sessions: &mut Sessions,
+    ) -> Result<usize, RoundError> {
+        let started = Instant::now();
         let mut client = pool.get().await.map_err(AlertError::Pool)?;
         let tx = client
             .transaction()
@@ -261,24 +269,11 @@ impl Outbox {
             return Ok(0);
         }
         let by_partition = self.read_unpublished(&tx, &partitions).await?;
-        // Release marks must be durable before PUBREL goes out, while this transaction keeps
-        // holding the partitions' locks; so they are committed on a second connection.
-        let recorder = pool.get().await.map_err(AlertError::Pool)?;
-        let outcomes = futures::future::join_all(
-            by_partition
-                .iter()
-                .map(|(partition, rows)| self.publish_partition(&recorder, *partition, rows)),
-        )
-        .await;
-        drop(recorder);
         let mut published = Vec::new();
-        let mut failure = None;
-        for (done, outcome) in outcomes {
-            published.extend(done);
-            if let Err(error) = outcome {
-                failure.get_or_insert(error);
-            }
-        }
+        let failure = self
+            .publish_partitions(pool, &by_partition, sessions, &mut published)
+            .await
+            .err();
         if !published.is_empty() {
             tx.execute_typed(
                 "UPDATE alerts SET published_at = clock_timestamp() WHERE id = ANY($1)",
@@ -292,6 +287,7 @@ impl Outbox {
             .map_err(step("committing published alerts"))?;
         metrics::published(published.len());
         if !published.is_empty() {
+            metrics::outbox_round(started.elapsed());
             tracing::debug!(published = published.len(), ?partitions, "alerts published");
         }
         match failure {
@@ -333,56 +329,94 @@ impl Outbox {
         Ok(by_partition)
     }
 
-    /// Publishes one partition's rows on its session, a group at a time: publish (PUBREC),
-    /// record the release, release (PUBCOMP). Returns the ids that completed, with the error
-    /// that stopped it, if any.
-    async fn publish_partition(
+    /// Publishes every partition's rows on its own session, the partitions side by side and
+    /// in step, a group of each at a time: publish (PUBREC), record the release of all of them
+    /// in one commit, release (PUBCOMP). Adds the ids that completed to `done`; a partition
+    /// whose broker exchange fails stops there, the others go on, and the first such error is
+    /// returned at the end.
+    ///
+    /// Sessions come from `sessions` when still usable, else are connected; those that
+    /// completed their part go back there for the next round.
+    async fn publish_partitions(
         &self,
-        recorder: &Object,
-        partition: i32,
-        rows: &[Pending],
-    ) -> (Vec<i64>, Result<(), RoundError>) {
-        let mut done = Vec::new();
-        let outcome = self
-            .publish_groups(recorder, partition, rows, &mut done)
-            .await;
-        (done, outcome)
-    }
-
-    async fn publish_groups(
-        &self,
-        recorder: &Object,
-        partition: i32,
-        rows: &[Pending],
+        pool: &Pool,
+        by_partition: &BTreeMap<i32, Vec<Pending>>,
+        sessions: &mut Sessions,
         done: &mut Vec<i64>,
     ) -> Result<(), RoundError> {
         let timeout = self.config.ack_timeout();
-        let client_id = format!("{}-p{partition}", self.config.mqtt.client_id);
-        let mut session = Session::connect(&self.config.mqtt, &client_id, Instant::now() + timeout)
-            .await
-            .map_err(RoundError::Mqtt)?;
-        for group in in_flight_groups(rows, self.config.max_in_flight) {
-            // A broker that lost the session (restarted without persistence) no longer holds
-            // what an earlier round released but did not see confirmed: publishing those again
-            // may repeat one, not publishing them may lose it. Repeat rather than lose.
-            let resend: Vec<&Pending> = group
-                .iter()
-                .filter(|row| !row.released || !session.session_present)
-                .collect();
-            let repeated = resend.iter().filter(|row| row.released).count();
-            if repeated > 0 {
-                tracing::warn!(%client_id, repeated,
-                    "the broker lost this publishing session; alerts whose release was unconfirmed are published again and may arrive twice");
+        let max_idle = Duration::from_secs(self.config.mqtt.keep_alive_secs) / 2;
+        // Connections of partitions this round did not lock idle on; let them go in time.
+        sessions.retain(|partition, session| {
+            by_partition.contains_key(partition) || session.reusable(max_idle)
+        });
+        let mut failure: Option<String> = None;
+        let connecting = by_partition.iter().map(|(&partition, rows)| {
+            let kept = sessions
+                .remove(&partition)
+                .and_then(|mut session| session.reusable(max_idle).then_some(session));
+            async move {
+                let client_id = format!("{}-p{partition}", self.config.mqtt.client_id);
+                let session = match kept {
+                    Some(session) => Ok(session),
+                    None => {
+                        Session::connect(&self.config.mqtt, &client_id, Instant::now() + timeout)
+                            .await
+                    }
+                };
+                let groups = in_flight_groups(rows, self.config.max_in_flight);
+                (partition, client_id, session, groups)
             }
-            let outgoing: Vec<Outgoing> = resend.iter().map(|row| row.outgoing()).collect();
-            session
-                .publish(&outgoing, Instant::now() + timeout)
-                .await
-                .map_err(RoundError::Mqtt)?;
-            let newly_released: Vec<i64> = resend
+        });
+        let mut lanes = Vec::new();
+        for (partition, client_id, session, groups) in futures::future::join_all(connecting).await {
+            match session {
+                Ok(session) => lanes.push(Lane {
+                    partition,
+                    client_id,
+                    session,
+                    groups: groups.into_iter(),
+                    failed: false,
+                }),
+                Err(error) => {
+                    failure.get_or_insert(error);
+                }
+            }
+        }
+        if lanes.is_empty() {
+            // Nothing to publish (another replica's commit emptied the partitions between the
+            // scan and the lock), or no session could connect.
+            return failure.map_or(Ok(()), |error| Err(RoundError::Mqtt(error)));
+        }
+        // Release marks must be durable before PUBREL goes out, while the round's transaction
+        // keeps holding the partitions' locks; so they are committed on a second connection.
+        let recorder = pool.get().await.map_err(AlertError::Pool)?;
+        loop {
+            let due: Vec<(&mut Lane, &[Pending])> = lanes
+                .iter_mut()
+                .filter_map(|lane| lane.groups.next().map(|group| (lane, group)))
+                .collect();
+            if due.is_empty() {
+                break;
+            }
+            let received = futures::future::join_all(
+                due.into_iter()
+                    .map(|(lane, group)| lane.publish(group, Instant::now() + timeout)),
+            )
+            .await;
+            let mut releasing = Vec::new();
+            for outcome in received {
+                match outcome {
+                    Ok(lane) => releasing.push(lane),
+                    Err((lane, error)) => {
+                        lane.fail();
+                        failure.get_or_insert(error);
+                    }
+                }
+            }
+            let newly_released: Vec<i64> = releasing
                 .iter()
-                .filter(|row| !row.released)
-                .map(|row| row.id)
+                .flat_map(|(_, _, newly)| newly.iter().copied())
                 .collect();
             if !newly_released.is_empty() {
                 recorder
@@ -393,15 +427,85 @@ impl Outbox {
                     .await
                     .map_err(step("recording alerts about to be released"))?;
             }
-            let pkids: Vec<u16> = group.iter().map(Pending::pkid).collect();
-            session
-                .release(&pkids, Instant::now() + timeout)
-                .await
-                .map_err(RoundError::Mqtt)?;
-            done.extend(group.iter().map(|row| row.id));
+            let released = futures::future::join_all(releasing.into_iter().map(
+                |(lane, group, _)| async move {
+                    let pkids: Vec<u16> = group.iter().map(Pending::pkid).collect();
+                    let outcome = lane.session.release(&pkids, Instant::now() + timeout).await;
+                    (lane, group, outcome)
+                },
+            ))
+            .await;
+            for (lane, group, outcome) in released {
+                match outcome {
+                    Ok(()) => done.extend(group.iter().map(|row| row.id)),
+                    Err(error) => {
+                        lane.fail();
+                        failure.get_or_insert(error);
+                    }
+                }
+            }
         }
-        session.disconnect().await;
-        Ok(())
+        // A connection whose exchange failed may hold answers of its own; it is dropped.
+        for lane in lanes.into_iter().filter(|lane| !lane.failed) {
+            sessions.insert(lane.partition, lane.session);
+        }
+        match failure {
+            Some(error) => Err(RoundError::Mqtt(error)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Open publishing sessions, by partition, kept between rounds.
+type Sessions = HashMap<i32, Session>;
+
+/// One partition's session within a round, and its groups still to publish.
+struct Lane<'a> {
+    partition: i32,
+    client_id: String,
+    session: Session,
+    groups: std::vec::IntoIter<&'a [Pending]>,
+    failed: bool,
+}
+
+impl<'a> Lane<'a> {
+    /// Stops this partition for the round after a failed exchange.
+    fn fail(&mut self) {
+        self.groups = Vec::new().into_iter();
+        self.failed = true;
+    }
+
+    /// Publishes what of `group` the broker may not hold yet. Returns the lane, the group and
+    /// the ids of rows not yet marked released, which must be marked before release.
+    #[allow(clippy::type_complexity)]
+    async fn publish(
+        &mut self,
+        group: &'a [Pending],
+        deadline: Instant,
+    ) -> Result<(&mut Lane<'a>, &'a [Pending], Vec<i64>), (&mut Lane<'a>, String)> {
+        // A broker that lost the session (restarted without persistence) no longer holds what
+        // an earlier round released but did not see confirmed: publishing those again may
+        // repeat one, not publishing them may lose it. Repeat rather than lose.
+        let present = self.session.session_present;
+        let resend: Vec<&Pending> = group
+            .iter()
+            .filter(|row| !row.released || !present)
+            .collect();
+        let repeated = resend.iter().filter(|row| row.released).count();
+        if repeated > 0 {
+            tracing::warn!(client_id = %self.client_id, repeated,
+                "the broker lost this publishing session; alerts whose release was unconfirmed are published again and may arrive twice");
+        }
+        let outgoing: Vec<Outgoing> = resend.iter().map(|row| row.outgoing()).collect();
+        let newly: Vec<i64> = resend
+            .iter()
+            .filter(|row| !row.released)
+            .map(|row| row.id)
+            .collect();
+        match self.session.publish(&outgoing, deadline).await {
+            Ok(()) => Ok((self, group, newly)),
+            Err(error) => Err((self, error)),
+        }
     }
 }
 

@@ -7,8 +7,9 @@
 //! exchange itself, over rumqttc's packet codec, on a persistent session (`clean_session`
 //! off) whose broker-side state outlives the connection.
 //!
-//! One connection is used by one round and then closed; it never reconnects by itself, so a
-//! publisher that lost its partition cannot disturb the session's next owner.
+//! A connection never reconnects by itself, so a publisher that lost its partition cannot
+//! disturb the session's next owner; the publisher keeps it between rounds and checks it with
+//! [`Session::reusable`] before using it again.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -44,6 +45,8 @@ pub struct Session {
     /// False when the broker had no state for this client id: whatever an earlier owner left
     /// half-done is unknown to it.
     pub session_present: bool,
+    /// When the broker last answered.
+    last_used: Instant,
 }
 
 impl Session {
@@ -68,6 +71,7 @@ impl Session {
             read: BytesMut::with_capacity(4096),
             write: BytesMut::with_capacity(4096),
             session_present: false,
+            last_used: Instant::now(),
         };
         let mut connect = Connect::new(client_id);
         connect.clean_session = false;
@@ -148,7 +152,23 @@ impl Session {
                 None => return Err(format!("expected {expected}, got {packet:?}")),
             }
         }
+        self.last_used = Instant::now();
         Ok(())
+    }
+
+    /// Whether this connection can carry another round: the broker has not closed it (it does
+    /// when another client takes the session over), sent nothing unasked, and it was last used
+    /// within `max_idle`, well inside the keep-alive the broker enforces (no PINGREQ is sent
+    /// between rounds).
+    pub fn reusable(&mut self, max_idle: Duration) -> bool {
+        if self.last_used.elapsed() > max_idle {
+            return false;
+        }
+        match self.stream.try_read_buf(&mut self.read) {
+            Err(error) => error.kind() == std::io::ErrorKind::WouldBlock,
+            // Closed (0), or data nobody asked for.
+            Ok(_) => false,
+        }
     }
 
     /// Ends the connection with DISCONNECT, which keeps the session on the broker.
