@@ -167,7 +167,7 @@ fn worker_flags(rules: &std::path::Path, sessions: &str) -> Vec<String> {
 }
 
 /// Stops a worker with SIGTERM and checks that it exits cleanly.
-fn terminate(mut worker: std::process::Child) {
+fn terminate(mut worker: test_servers::KillOnDrop) {
     let terminated = std::process::Command::new("kill")
         .args(["-TERM", &worker.id().to_string()])
         .status()

@@ -19,6 +19,7 @@
 // shared set, which lives in a static and is never dropped.
 #![allow(unsafe_code)]
 
+mod child;
 mod error;
 mod http;
 mod logs;
@@ -36,6 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::thread;
 
+pub use child::KillOnDrop;
 pub use error::Error;
 pub use http::{free_addr, http_get};
 pub use logs::log_dir;

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -15,7 +15,9 @@ use telemetry_core::kafka::KafkaConfig;
 use telemetry_core::observe::HttpConfig;
 use telemetry_core::Shutdown;
 use telemetry_worker::WorkerConfig;
-use test_servers::{free_addr, read_topic, shared, unique_name, PgBouncer, Postgres, Tansu};
+use test_servers::{
+    free_addr, read_topic, shared, unique_name, KillOnDrop, PgBouncer, Postgres, Tansu,
+};
 use tokio::task::JoinHandle;
 
 /// One test's own database, topics and consumer groups.
@@ -128,7 +130,7 @@ impl Fixture {
 
     /// The real binary, for tests that kill it with SIGKILL. A short session timeout lets the
     /// group notice a killed member in seconds rather than librdkafka's default 45 s.
-    pub fn spawn_worker_process(&self, group: &str, http: SocketAddr) -> Child {
+    pub fn spawn_worker_process(&self, group: &str, http: SocketAddr) -> KillOnDrop {
         self.spawn_worker_process_with(group, http, &[])
     }
 
@@ -138,7 +140,7 @@ impl Fixture {
         group: &str,
         http: SocketAddr,
         extra: &[String],
-    ) -> Child {
+    ) -> KillOnDrop {
         let name = unique_name("worker");
         let config = test_servers::log_dir().join(format!("{name}.toml"));
         std::fs::write(
@@ -148,7 +150,7 @@ impl Fixture {
         .expect("worker config file");
         let log = std::fs::File::create(test_servers::log_dir().join(format!("{name}.log")))
             .expect("worker log file");
-        Command::new(env!("CARGO_BIN_EXE_telemetry-worker"))
+        let child = Command::new(env!("CARGO_BIN_EXE_telemetry-worker"))
             .arg("--config")
             .arg(&config)
             .args(["--brokers", &self.kafka.brokers])
@@ -162,7 +164,8 @@ impl Fixture {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("start telemetry-worker")
+            .expect("start telemetry-worker");
+        KillOnDrop(child)
     }
 
     pub async fn database(&self) -> tokio_postgres::Client {
