@@ -262,7 +262,7 @@ async fn alert_path(port: u16, pgbouncer: &str, shutdown: Shutdown) {
             port,
             client_id: unique_name("outbox"),
             username: Some("telemetry-worker".into()),
-            password: Some("telemetry-worker".into()),
+            password: Some(telemetry_core::config::Secret::new("telemetry-worker")),
             ..MqttConfig::default()
         },
         ..OutboxConfig::default()

@@ -8,8 +8,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use telemetry_api::{schema, store, tokens, ApiConfig};
 use telemetry_core::config::{self, flag, Sources};
-use telemetry_core::observe;
 use telemetry_core::Shutdown;
+use telemetry_core::{cli, observe};
 
 /// Settings come from flags, then `TELEMETRY_API_*` environment variables (nested fields with
 /// `__`, e.g. TELEMETRY_API_LIMITS__MAX_PAGE_SIZE), then the TOML file, then defaults.
@@ -83,14 +83,7 @@ enum TokenCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("telemetry-api: error: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::exit_code("telemetry-api", run(Cli::parse()))
 }
 
 fn load_config(cli: &Cli) -> Result<ApiConfig, config::ConfigError> {
@@ -115,11 +108,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = load_config(&cli)?;
     observe::init_logging(config.log_format);
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => {
-            let shutdown = Shutdown::new();
-            shutdown.trigger_on_signals();
-            telemetry_api::run(config, shutdown).await?;
-        }
+        Command::Run => telemetry_api::run(config, Shutdown::on_signals()).await?,
         Command::Migrate => {
             let mut client = admin_client(&config).await?;
             let migrated = schema::migrate(&mut client, &config.postgres.reader_role).await?;
@@ -158,7 +147,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             shown.postgres.admin_url = config::redact_url(&shown.postgres.admin_url);
             print!(
                 "{}",
-                toml::to_string_pretty(&shown).context("cannot print the config")?
+                cli::config_toml(&shown).context("cannot print the config")?
             );
         }
     }

@@ -8,8 +8,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use telemetry_bridge::BridgeConfig;
 use telemetry_core::config::{self, flag, Sources};
-use telemetry_core::observe;
 use telemetry_core::Shutdown;
+use telemetry_core::{cli, observe};
 
 /// Settings come from flags, then `TELEMETRY_BRIDGE_*` environment variables (nested fields with
 /// `__`, e.g. TELEMETRY_BRIDGE_MQTT__PASSWORD), then the TOML file, then defaults.
@@ -63,14 +63,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("telemetry-bridge: error: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::exit_code("telemetry-bridge", run(Cli::parse()))
 }
 
 fn load_config(cli: &Cli) -> Result<BridgeConfig, config::ConfigError> {
@@ -96,17 +89,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = load_config(&cli)?;
     observe::init_logging(config.log_format);
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => {
-            let shutdown = Shutdown::new();
-            shutdown.trigger_on_signals();
-            telemetry_bridge::run(config, shutdown).await?;
-        }
+        Command::Run => telemetry_bridge::run(config, Shutdown::on_signals()).await?,
         Command::PrintConfig => {
             // Secrets serialize as "***" (see telemetry_core::config::Secret and
             // KafkaConfig::properties), so the printed config is safe to share.
             print!(
                 "{}",
-                toml::to_string_pretty(&config).context("cannot print the config")?
+                cli::config_toml(&config).context("cannot print the config")?
             );
         }
     }

@@ -9,10 +9,12 @@
 //! - `migrations` (feature `postgres`): embedded SQL migrations under an advisory lock.
 //! - [`backoff`]: capped, jittered retry delays for outages.
 //! - [`shutdown`]: one shutdown signal that every long-lived task watches.
+//! - [`cli`]: what every binary's `main` shares (exit code, `print-config`).
 //! - [`observe`]: logging set-up, the Prometheus recorder and the `/metrics`, `/healthz` and
 //!   `/readyz` server.
 
 pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod contract;
 pub mod kafka;

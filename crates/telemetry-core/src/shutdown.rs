@@ -30,6 +30,14 @@ impl Shutdown {
         self.token.cancelled().await
     }
 
+    /// A shutdown that the first SIGINT or SIGTERM triggers, as every binary's `run` needs.
+    /// Must be called inside a tokio runtime.
+    pub fn on_signals() -> Shutdown {
+        let shutdown = Shutdown::new();
+        shutdown.trigger_on_signals();
+        shutdown
+    }
+
     /// Triggers shutdown on the first SIGINT or SIGTERM. Must be called inside a tokio runtime.
     pub fn trigger_on_signals(&self) {
         let shutdown = self.clone();

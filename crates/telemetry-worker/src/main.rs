@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use telemetry_core::config::{self, flag, Sources};
-use telemetry_core::observe;
 use telemetry_core::Shutdown;
+use telemetry_core::{cli, observe};
 use telemetry_worker::WorkerConfig;
 
 /// Settings come from flags, then `TELEMETRY_WORKER_*` environment variables (nested fields with
@@ -116,14 +116,7 @@ struct ReplayArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("telemetry-worker: error: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::exit_code("telemetry-worker", run(Cli::parse()))
 }
 
 fn load_config(cli: &Cli) -> Result<WorkerConfig, config::ConfigError> {
@@ -164,11 +157,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = load_config(&cli)?;
     observe::init_logging(config.log_format);
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => {
-            let shutdown = Shutdown::new();
-            shutdown.trigger_on_signals();
-            telemetry_worker::run(config, shutdown).await?;
-        }
+        Command::Run => telemetry_worker::run(config, Shutdown::on_signals()).await?,
         Command::Migrate => {
             let pool = telemetry_worker::create_pool(&config.postgres)?;
             let mut client = pool.get().await.context("cannot connect to the database")?;
@@ -187,9 +176,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("start the workers: they read each partition again from from_offset");
         }
         Command::PrintConfig => {
+            // The URL may carry a password; what is printed may end up in a ticket or a log.
+            // Other secrets serialize as "***".
+            let mut shown = config;
+            shown.postgres.url = config::redact_url(&shown.postgres.url);
             print!(
                 "{}",
-                toml::to_string_pretty(&config).context("cannot print the config")?
+                cli::config_toml(&shown).context("cannot print the config")?
             );
         }
     }

@@ -290,3 +290,34 @@ async fn alerts_reach_their_owner_once_through_a_worker_kill_a_rebalance_and_a_r
     assert!(again.is_empty(), "alerts sent again by a replay: {again:?}");
     fixture.assert_stored_exactly_once(&records).await;
 }
+
+#[test]
+fn print_config_shows_neither_the_database_nor_the_alert_publishers_password() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_telemetry-worker"))
+        .args([
+            "--database-url",
+            "postgres://worker:db-pass-7f3@pgbouncer:6432/telemetry",
+        ])
+        .arg("print-config")
+        .env(
+            "TELEMETRY_WORKER_ALERTS__OUTBOX__MQTT__USERNAME",
+            "telemetry-worker",
+        )
+        .env(
+            "TELEMETRY_WORKER_ALERTS__OUTBOX__MQTT__PASSWORD",
+            "mqtt-pass-9c1",
+        )
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        !printed.contains("db-pass-7f3") && !printed.contains("mqtt-pass-9c1"),
+        "{printed}"
+    );
+    // Still useful: what is not secret is shown.
+    assert!(
+        printed.contains("pgbouncer:6432/telemetry") && printed.contains("password = \"***\""),
+        "{printed}"
+    );
+}

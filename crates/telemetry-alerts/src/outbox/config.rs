@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use telemetry_core::config::{ConfigError, Validate};
+use telemetry_core::config::{ConfigError, Secret, Validate};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -62,8 +62,8 @@ pub struct MqttConfig {
     /// the replica holding its partition's lock.
     pub client_id: String,
     pub username: Option<String>,
-    /// Never logged.
-    pub password: Option<String>,
+    /// Shown as `***` in `print-config` and logs.
+    pub password: Option<Secret>,
     pub keep_alive_secs: u64,
 }
 
@@ -155,7 +155,7 @@ mod tests {
             .to_string()
             .contains("alerts.outbox.batch_size"));
         let mut config = OutboxConfig::default();
-        config.mqtt.password = Some("secret".into());
+        config.mqtt.password = Some(Secret::new("secret"));
         let message = config.validate().unwrap_err().to_string();
         assert!(
             message.contains("alerts.outbox.mqtt.username") && !message.contains("secret"),

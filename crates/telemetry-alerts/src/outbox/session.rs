@@ -21,6 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use telemetry_core::config::Secret;
+
 use super::config::MqttConfig;
 
 /// Largest packet accepted from the broker; it only sends small acknowledgements.
@@ -77,7 +79,8 @@ impl Session {
         connect.clean_session = false;
         connect.keep_alive = config.keep_alive_secs.min(u16::MAX as u64) as u16;
         if let Some(username) = &config.username {
-            connect.set_login(username, config.password.as_deref().unwrap_or_default());
+            let password = config.password.as_ref().map(Secret::expose);
+            connect.set_login(username, password.unwrap_or_default());
         }
         session.send(&[Packet::Connect(connect)], deadline).await?;
         match session.receive(deadline).await? {
