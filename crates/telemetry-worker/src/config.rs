@@ -52,8 +52,9 @@ pub struct PostgresConfig {
     /// Connection URL, normally PgBouncer's (transaction mode), e.g.
     /// `postgres://telemetry@127.0.0.1:6432/telemetry`.
     pub url: String,
-    /// Connections kept by this replica: one per writer (`batch.writers`), one for the alert
-    /// outbox, and the rest for retries and migrations.
+    /// Connections kept by this replica: one per writer (`batch.writers`) and two for an alert
+    /// outbox round (its partition locks, and its release marks committed meanwhile). With
+    /// fewer, the outbox waits for a writer's connection between batches.
     pub pool_size: usize,
     /// How long one batch's transaction may take before it is abandoned and retried on a new
     /// connection. PgBouncer holds queries while PostgreSQL is down instead of failing them,
