@@ -537,6 +537,32 @@ async fn a_publisher_killed_at_any_step_of_a_round_is_finished_by_the_next_witho
     publisher.stop().await;
 }
 
+/// Rows an earlier publisher released on a session the broker no longer has (a broker
+/// restarted without persistence, an expired session) may never have been delivered: they are
+/// published again on the new session rather than only released, which would lose them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_released_on_a_session_the_broker_lost_are_published_again_not_lost() {
+    let servers = shared();
+    let db = fresh_database().await;
+    let user = unique_name("owner");
+    let (host, port) = (servers.mosquitto.host(), servers.mosquitto.port());
+    let mut subscriber = Subscriber::start(host, port, &user, false).await;
+    let mut fleet = Fleet::new(&user, 2, 1);
+    let events = fleet.events(3);
+    db.store(&events).await;
+    // Released by a publisher whose session the broker never saw (this prefix is new to it).
+    db.direct
+        .execute("UPDATE alerts SET released_at = now()", &[])
+        .await
+        .unwrap();
+
+    let publisher = Publisher::start(&db, host, port, |c| c.poll_interval_ms = 100);
+    db.wait_until_all_published().await;
+    let received = subscriber.receive(events.len()).await;
+    assert_delivered_once_in_order(&received, &events);
+    publisher.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_state_is_saved_and_loaded_inside_the_callers_transaction() {
     let db = fresh_database().await;

@@ -165,6 +165,12 @@ impl Validate for WorkerConfig {
             ));
         }
         self.alerts.validate()?;
+        if self.alerts.rules.path.is_some() && self.postgres.pool_size < 2 {
+            return Err(ConfigError::invalid(
+                "postgres.pool_size",
+                "must be at least 2 with alert rules: an outbox round holds two connections",
+            ));
+        }
         if self.max_payload_bytes == 0 {
             return Err(ConfigError::invalid(
                 "max_payload_bytes",
@@ -201,6 +207,19 @@ mod tests {
         config.postgres.pool_size = 1;
         let message = config.validate().unwrap_err().to_string();
         assert!(message.contains("batch.writers"), "{message}");
+    }
+
+    #[test]
+    fn alerts_need_two_connections() {
+        let mut config = WorkerConfig::default();
+        config.batch.writers = 1;
+        config.postgres.pool_size = 1;
+        config.validate().unwrap();
+        config.alerts.rules.path = Some("rules.toml".into());
+        let message = config.validate().unwrap_err().to_string();
+        assert!(message.contains("postgres.pool_size"), "{message}");
+        config.postgres.pool_size = 2;
+        config.validate().unwrap();
     }
 
     #[test]

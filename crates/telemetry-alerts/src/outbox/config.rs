@@ -19,9 +19,11 @@ pub struct OutboxConfig {
     /// (connecting, receiving a group of messages, releasing them) before the round is
     /// abandoned and retried.
     pub ack_timeout_ms: u64,
-    /// Most messages of one partition's session that the broker holds unreleased at once. The
-    /// broker bounds it too: Mosquitto takes `max_inflight_messages` plus its queue, EMQX
-    /// `mqtt.max_awaiting_rel` (100 by default). Each group costs one database write.
+    /// Most messages of one partition's session that the broker holds unreleased at once. Keep
+    /// it within what the broker acknowledges at once per client: Mosquitto's
+    /// `max_inflight_messages` (20 by default; it queues the rest without PUBREC, and the round
+    /// times out), EMQX's `mqtt.max_awaiting_rel` (100 by default). Each group costs one
+    /// database write.
     pub max_in_flight: usize,
 }
 

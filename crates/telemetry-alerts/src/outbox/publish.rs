@@ -5,13 +5,15 @@
 //!
 //! 1. finds the partitions with unpublished alerts and takes `pg_try_advisory_xact_lock` on
 //!    each, skipping those another replica is publishing right now;
-//! 2. reads the locked partitions' unpublished rows in `id` order (a later statement than the
-//!    lock, so it sees whatever the previous lock holder committed);
-//! 3. publishes each partition's rows on that partition's persistent MQTT session
-//!    (`{client_id}-p{partition}`, the same on every replica), in groups: PUBLISH with QoS 2
-//!    under a packet id derived from the row id, wait for every PUBREC, commit `released_at`
-//!    (on a second connection, so the locks stay held), send PUBREL, wait for every PUBCOMP;
-//! 4. sets `published_at` on the rows that completed and commits, which releases the locks.
+//! 2. opens each locked partition's persistent MQTT session (`{client_id}-p{partition}`, the
+//!    same on every replica), or reuses the one it kept; taking a session over cuts off a
+//!    previous holder that lost the lock but not its connection;
+//! 3. reads the locked partitions' unpublished rows in `id` order (after the lock and the
+//!    takeover, so it sees whatever the previous holder committed);
+//! 4. publishes each partition's rows on its session, in groups: PUBLISH with QoS 2 under a
+//!    packet id derived from the row id, wait for every PUBREC, commit `released_at` (on a
+//!    second connection, so the locks stay held), send PUBREL, wait for every PUBCOMP;
+//! 5. sets `published_at` on the rows that completed and commits, which releases the locks.
 //!
 //! Why that is exactly once: the broker delivers a QoS 2 message once, and until it is
 //! released it recognises a PUBLISH under the same packet id as the one it holds. A publisher
@@ -32,7 +34,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::Pool;
+use deadpool_postgres::{Object, Pool};
 use telemetry_core::backoff::Backoff;
 use telemetry_core::config::Validate;
 use telemetry_core::contract::DeviceId;
@@ -141,24 +143,17 @@ pub fn packet_id(row_id: i64) -> u16 {
 }
 
 /// Splits a partition's rows, in order, into groups of at most `max` that the broker holds
-/// unreleased at once; a group also ends before a packet id it already uses (rows 65,535 ids
-/// apart share one).
+/// unreleased at once. The rows stop before the first packet id the round already uses (rows
+/// 65,535 ids apart share one): releasing the earlier row again after a crash would release
+/// the later one, early, and it would then be published a second time. The rest wait for a
+/// later round, when the earlier row is marked published.
 fn in_flight_groups(rows: &[Pending], max: usize) -> Vec<&[Pending]> {
-    let mut groups = Vec::new();
-    let mut start = 0;
     let mut used = HashSet::new();
-    for (index, row) in rows.iter().enumerate() {
-        if index - start == max || !used.insert(row.pkid()) {
-            groups.push(&rows[start..index]);
-            start = index;
-            used.clear();
-            used.insert(row.pkid());
-        }
-    }
-    if start < rows.len() {
-        groups.push(&rows[start..]);
-    }
-    groups
+    let usable = rows
+        .iter()
+        .position(|row| !used.insert(row.pkid()))
+        .unwrap_or(rows.len());
+    rows[..usable].chunks(max).collect()
 }
 
 impl Outbox {
@@ -268,12 +263,23 @@ impl Outbox {
             tx.commit().await.map_err(step("ending an outbox round"))?;
             return Ok(0);
         }
-        let by_partition = self.read_unpublished(&tx, &partitions).await?;
+        // Release marks must be durable before PUBREL goes out, while this transaction keeps
+        // holding the partitions' locks; so they are committed on a second connection.
+        let recorder = pool.get().await.map_err(AlertError::Pool)?;
+        // Sessions before rows. Taking a partition's session over cuts off a publisher that
+        // lost the partition's lock but not its MQTT connection; whatever it released before
+        // that, it had marked released first, so the rows read next show it.
+        let (lanes, mut failure) = self.open_sessions(&partitions, sessions, &recorder).await?;
+        let opened: Vec<i32> = lanes.keys().copied().collect();
+        let by_partition = self.read_unpublished(&tx, &opened).await?;
         let mut published = Vec::new();
-        let failure = self
-            .publish_partitions(pool, &by_partition, sessions, &mut published)
+        if let Err(error) = self
+            .publish_partitions(&recorder, &by_partition, lanes, sessions, &mut published)
             .await
-            .err();
+        {
+            failure.get_or_insert(error);
+        }
+        drop(recorder);
         if !published.is_empty() {
             tx.execute_typed(
                 "UPDATE alerts SET published_at = clock_timestamp() WHERE id = ANY($1)",
@@ -329,68 +335,110 @@ impl Outbox {
         Ok(by_partition)
     }
 
-    /// Publishes every partition's rows on its own session, the partitions side by side and
-    /// in step, a group of each at a time: publish (PUBREC), record the release of all of them
-    /// in one commit, release (PUBCOMP). Adds the ids that completed to `done`; a partition
-    /// whose broker exchange fails stops there, the others go on, and the first such error is
-    /// returned at the end.
+    /// A session for each locked partition: the one kept from an earlier round when still
+    /// usable, else a new connection. Returns them with the first connection error, if any;
+    /// partitions without a session sit this round out.
     ///
-    /// Sessions come from `sessions` when still usable, else are connected; those that
-    /// completed their part go back there for the next round.
-    async fn publish_partitions(
+    /// A session the broker did not have (new, or lost in a restart without persistence)
+    /// holds nothing an earlier publisher left: rows released but not confirmed may never
+    /// have been delivered. Their release marks are cleared, so they are published again:
+    /// at least once, never lost.
+    async fn open_sessions(
         &self,
-        pool: &Pool,
-        by_partition: &BTreeMap<i32, Vec<Pending>>,
+        partitions: &[i32],
         sessions: &mut Sessions,
-        done: &mut Vec<i64>,
-    ) -> Result<(), RoundError> {
+        recorder: &Object,
+    ) -> Result<(BTreeMap<i32, Session>, Option<RoundError>), RoundError> {
         let timeout = self.config.ack_timeout();
-        let max_idle = Duration::from_secs(self.config.mqtt.keep_alive_secs) / 2;
+        let max_idle = self.max_idle();
         // Connections of partitions this round did not lock idle on; let them go in time.
         sessions.retain(|partition, session| {
-            by_partition.contains_key(partition) || session.reusable(max_idle)
+            partitions.contains(partition) || session.reusable(max_idle)
         });
-        let mut failure: Option<String> = None;
-        let connecting = by_partition.iter().map(|(&partition, rows)| {
+        let connecting = partitions.iter().map(|&partition| {
             let kept = sessions
                 .remove(&partition)
                 .and_then(|mut session| session.reusable(max_idle).then_some(session));
             async move {
-                let client_id = format!("{}-p{partition}", self.config.mqtt.client_id);
                 let session = match kept {
                     Some(session) => Ok(session),
                     None => {
+                        let client_id = self.client_id(partition);
                         Session::connect(&self.config.mqtt, &client_id, Instant::now() + timeout)
                             .await
                     }
                 };
-                let groups = in_flight_groups(rows, self.config.max_in_flight);
-                (partition, client_id, session, groups)
+                (partition, session)
             }
         });
-        let mut lanes = Vec::new();
-        for (partition, client_id, session, groups) in futures::future::join_all(connecting).await {
+        let mut opened = BTreeMap::new();
+        let mut failure = None;
+        for (partition, session) in futures::future::join_all(connecting).await {
             match session {
-                Ok(session) => lanes.push(Lane {
-                    partition,
-                    client_id,
-                    session,
-                    groups: groups.into_iter(),
-                    failed: false,
-                }),
+                Ok(session) => {
+                    opened.insert(partition, session);
+                }
                 Err(error) => {
-                    failure.get_or_insert(error);
+                    failure.get_or_insert(RoundError::Mqtt(error));
                 }
             }
         }
-        if lanes.is_empty() {
-            // Nothing to publish (another replica's commit emptied the partitions between the
-            // scan and the lock), or no session could connect.
-            return failure.map_or(Ok(()), |error| Err(RoundError::Mqtt(error)));
+        let forgotten: Vec<i32> = opened
+            .iter()
+            .filter(|(_, session)| !session.session_present)
+            .map(|(&partition, _)| partition)
+            .collect();
+        if !forgotten.is_empty() {
+            let cleared = recorder
+                .execute_typed(
+                    "UPDATE alerts SET released_at = NULL
+                     WHERE published_at IS NULL AND released_at IS NOT NULL
+                       AND kafka_partition = ANY($1)",
+                    &[(&forgotten, Type::INT4_ARRAY)],
+                )
+                .await
+                .map_err(step("clearing release marks of a session the broker lost"))?;
+            if cleared > 0 {
+                tracing::warn!(partitions = ?forgotten, alerts = cleared,
+                    "the broker had lost these publishing sessions; alerts whose release was unconfirmed are published again and may arrive twice");
+            }
+            // The broker holds the session from now on.
+            for partition in &forgotten {
+                if let Some(session) = opened.get_mut(partition) {
+                    session.session_present = true;
+                }
+            }
         }
-        // Release marks must be durable before PUBREL goes out, while the round's transaction
-        // keeps holding the partitions' locks; so they are committed on a second connection.
-        let recorder = pool.get().await.map_err(AlertError::Pool)?;
+        Ok((opened, failure))
+    }
+
+    /// Publishes every partition's rows on its session, the partitions side by side and in
+    /// step, a group of each at a time: publish (PUBREC), record the release of all of them in
+    /// one commit, release (PUBCOMP). Adds the ids that completed to `done`; a partition whose
+    /// broker exchange fails stops there, the others go on, and the first such error is
+    /// returned at the end. Sessions that did not fail go back to `sessions`.
+    async fn publish_partitions(
+        &self,
+        recorder: &Object,
+        by_partition: &BTreeMap<i32, Vec<Pending>>,
+        opened: BTreeMap<i32, Session>,
+        sessions: &mut Sessions,
+        done: &mut Vec<i64>,
+    ) -> Result<(), RoundError> {
+        let timeout = self.config.ack_timeout();
+        let mut failure: Option<String> = None;
+        let mut lanes: Vec<Lane> = opened
+            .into_iter()
+            .map(|(partition, session)| {
+                let rows = by_partition.get(&partition).map_or(&[][..], Vec::as_slice);
+                Lane {
+                    partition,
+                    session,
+                    groups: in_flight_groups(rows, self.config.max_in_flight).into_iter(),
+                    failed: false,
+                }
+            })
+            .collect();
         loop {
             let due: Vec<(&mut Lane, &[Pending])> = lanes
                 .iter_mut()
@@ -454,6 +502,16 @@ impl Outbox {
             None => Ok(()),
         }
     }
+
+    fn client_id(&self, partition: i32) -> String {
+        format!("{}-p{partition}", self.config.mqtt.client_id)
+    }
+
+    /// How long a kept session may idle: well inside the keep-alive the broker enforces, since
+    /// no PINGREQ is sent between rounds.
+    fn max_idle(&self) -> Duration {
+        Duration::from_secs(self.config.mqtt.keep_alive_secs) / 2
+    }
 }
 
 /// Open publishing sessions, by partition, kept between rounds.
@@ -462,7 +520,6 @@ type Sessions = HashMap<i32, Session>;
 /// One partition's session within a round, and its groups still to publish.
 struct Lane<'a> {
     partition: i32,
-    client_id: String,
     session: Session,
     groups: std::vec::IntoIter<&'a [Pending]>,
     failed: bool,
@@ -475,33 +532,18 @@ impl<'a> Lane<'a> {
         self.failed = true;
     }
 
-    /// Publishes what of `group` the broker may not hold yet. Returns the lane, the group and
-    /// the ids of rows not yet marked released, which must be marked before release.
+    /// Publishes the rows of `group` not yet marked released (the broker holds them, or never
+    /// got them). Returns the lane, the group and the ids published, which must be marked
+    /// released before the group is released.
     #[allow(clippy::type_complexity)]
     async fn publish(
         &mut self,
         group: &'a [Pending],
         deadline: Instant,
     ) -> Result<(&mut Lane<'a>, &'a [Pending], Vec<i64>), (&mut Lane<'a>, String)> {
-        // A broker that lost the session (restarted without persistence) no longer holds what
-        // an earlier round released but did not see confirmed: publishing those again may
-        // repeat one, not publishing them may lose it. Repeat rather than lose.
-        let present = self.session.session_present;
-        let resend: Vec<&Pending> = group
-            .iter()
-            .filter(|row| !row.released || !present)
-            .collect();
-        let repeated = resend.iter().filter(|row| row.released).count();
-        if repeated > 0 {
-            tracing::warn!(client_id = %self.client_id, repeated,
-                "the broker lost this publishing session; alerts whose release was unconfirmed are published again and may arrive twice");
-        }
+        let resend: Vec<&Pending> = group.iter().filter(|row| !row.released).collect();
         let outgoing: Vec<Outgoing> = resend.iter().map(|row| row.outgoing()).collect();
-        let newly: Vec<i64> = resend
-            .iter()
-            .filter(|row| !row.released)
-            .map(|row| row.id)
-            .collect();
+        let newly: Vec<i64> = resend.iter().map(|row| row.id).collect();
         match self.session.publish(&outgoing, deadline).await {
             Ok(()) => Ok((self, group, newly)),
             Err(error) => Err((self, error)),
@@ -566,11 +608,13 @@ mod tests {
     }
 
     #[test]
-    fn a_group_ends_before_a_packet_id_it_already_uses() {
-        let all = rows(&[5, 6, 5 + 65_535, 7]);
+    fn a_round_stops_before_a_packet_id_it_already_uses() {
+        let all = rows(&[5, 6, 7, 5 + 65_535, 8]);
+        assert_eq!(group_ids(in_flight_groups(&all, 10)), vec![vec![5, 6, 7]]);
+        // Whichever group the earlier row is in.
         assert_eq!(
-            group_ids(in_flight_groups(&all, 10)),
-            vec![vec![5, 6], vec![5 + 65_535, 7]]
+            group_ids(in_flight_groups(&all, 2)),
+            vec![vec![5, 6], vec![7]]
         );
     }
 }
