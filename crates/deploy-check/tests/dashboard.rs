@@ -231,7 +231,7 @@ async fn every_metric_the_dashboard_plots_is_exported_by_a_running_worker_and_br
     // alert settings go through the same environment-variable path as in the compose file.
     let worker_http = free_address();
     let rules = repo_root().join("deploy/alerts/rules.toml");
-    let mut env: BTreeMap<String, String> = [
+    let env: BTreeMap<String, String> = [
         ("KAFKA__BROKERS", kafka.brokers.clone()),
         ("KAFKA__TOPIC", kafka.topic.clone()),
         ("KAFKA__DLQ_TOPIC", kafka.dlq_topic.clone()),
@@ -252,13 +252,6 @@ async fn every_metric_the_dashboard_plots_is_exported_by_a_running_worker_and_br
     .into_iter()
     .map(|(k, v)| (format!("TELEMETRY_WORKER_{k}"), v))
     .collect();
-    // Alert settings are being added to the worker. Until it has them, it runs without, and
-    // the alert panels' metrics are left out of the comparison (and named on stderr); once it
-    // has them, they are configured here and their metrics must appear like every other.
-    let has_alerts = serde_json::to_value(WorkerConfig::default()).unwrap()["alerts"].is_object();
-    if !has_alerts {
-        env.retain(|k, _| !k.starts_with("TELEMETRY_WORKER_ALERTS__"));
-    }
     let worker_config: WorkerConfig = load_stage_config("worker", None, &env, "TELEMETRY_WORKER_")
         .unwrap_or_else(|e| panic!("{e}"));
     let worker = start_worker(worker_config);
@@ -369,19 +362,7 @@ async fn every_metric_the_dashboard_plots_is_exported_by_a_running_worker_and_br
     );
 
     // Consumer lag comes from librdkafka's statistics, every 5 s.
-    let mut wanted = dashboard_metric_names();
-    if !has_alerts {
-        let alert_metrics: Vec<String> = wanted
-            .iter()
-            .filter(|name| name.starts_with("telemetry_alerts_"))
-            .cloned()
-            .collect();
-        eprintln!(
-            "the worker has no alert settings yet; not checked: {}",
-            alert_metrics.join(", ")
-        );
-        wanted.retain(|name| !name.starts_with("telemetry_alerts_"));
-    }
+    let wanted = dashboard_metric_names();
     let exported = scrape_until(&endpoints, Duration::from_secs(30), |names| {
         wanted.is_subset(names)
     })
