@@ -508,7 +508,7 @@ async fn a_publisher_killed_at_any_step_of_a_round_is_finished_by_the_next_witho
         .await
         .unwrap();
     let all: Vec<Outgoing> = outgoing.iter().map(|(_, m)| m.clone()).collect();
-    session.publish(&all, deadline()).await.unwrap();
+    session.publish(all, deadline()).await.unwrap();
     db.direct
         .execute(
             "UPDATE alerts SET released_at = now() WHERE device_id IN ('thermo-1', 'thermo-2')",

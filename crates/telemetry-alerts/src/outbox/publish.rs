@@ -269,12 +269,12 @@ impl Outbox {
         // Sessions before rows. Taking a partition's session over cuts off a publisher that
         // lost the partition's lock but not its MQTT connection; whatever it released before
         // that, it had marked released first, so the rows read next show it.
-        let (lanes, mut failure) = self.open_sessions(&partitions, sessions, &recorder).await?;
-        let opened: Vec<i32> = lanes.keys().copied().collect();
-        let by_partition = self.read_unpublished(&tx, &opened).await?;
+        let (opened, mut failure) = self.open_sessions(&partitions, sessions, &recorder).await?;
+        let connected: Vec<i32> = opened.keys().copied().collect();
+        let by_partition = self.read_unpublished(&tx, &connected).await?;
         let mut published = Vec::new();
         if let Err(error) = self
-            .publish_partitions(&recorder, &by_partition, lanes, sessions, &mut published)
+            .publish_partitions(&recorder, &by_partition, opened, sessions, &mut published)
             .await
         {
             failure.get_or_insert(error);
@@ -447,24 +447,26 @@ impl Outbox {
             if due.is_empty() {
                 break;
             }
-            let received = futures::future::join_all(
-                due.into_iter()
-                    .map(|(lane, group)| lane.publish(group, Instant::now() + timeout)),
-            )
-            .await;
+            let received =
+                futures::future::join_all(due.into_iter().map(|(lane, group)| async move {
+                    let outcome = lane.publish(group, Instant::now() + timeout).await;
+                    (lane, group, outcome)
+                }))
+                .await;
             let mut releasing = Vec::new();
-            for outcome in received {
+            for (lane, group, outcome) in received {
                 match outcome {
-                    Ok(lane) => releasing.push(lane),
-                    Err((lane, error)) => {
+                    Ok(()) => releasing.push((lane, group)),
+                    Err(error) => {
                         lane.fail();
                         failure.get_or_insert(error);
                     }
                 }
             }
+            // What was just published must be marked released before PUBREL goes out.
             let newly_released: Vec<i64> = releasing
                 .iter()
-                .flat_map(|(_, _, newly)| newly.iter().copied())
+                .flat_map(|(_, group)| unreleased(group).map(|row| row.id))
                 .collect();
             if !newly_released.is_empty() {
                 recorder
@@ -475,14 +477,13 @@ impl Outbox {
                     .await
                     .map_err(step("recording alerts about to be released"))?;
             }
-            let released = futures::future::join_all(releasing.into_iter().map(
-                |(lane, group, _)| async move {
+            let released =
+                futures::future::join_all(releasing.into_iter().map(|(lane, group)| async move {
                     let pkids: Vec<u16> = group.iter().map(Pending::pkid).collect();
                     let outcome = lane.session.release(&pkids, Instant::now() + timeout).await;
                     (lane, group, outcome)
-                },
-            ))
-            .await;
+                }))
+                .await;
             for (lane, group, outcome) in released {
                 match outcome {
                     Ok(()) => done.extend(group.iter().map(|row| row.id)),
@@ -532,23 +533,17 @@ impl<'a> Lane<'a> {
         self.failed = true;
     }
 
-    /// Publishes the rows of `group` not yet marked released (the broker holds them, or never
-    /// got them). Returns the lane, the group and the ids published, which must be marked
-    /// released before the group is released.
-    #[allow(clippy::type_complexity)]
-    async fn publish(
-        &mut self,
-        group: &'a [Pending],
-        deadline: Instant,
-    ) -> Result<(&mut Lane<'a>, &'a [Pending], Vec<i64>), (&mut Lane<'a>, String)> {
-        let resend: Vec<&Pending> = group.iter().filter(|row| !row.released).collect();
-        let outgoing: Vec<Outgoing> = resend.iter().map(|row| row.outgoing()).collect();
-        let newly: Vec<i64> = resend.iter().map(|row| row.id).collect();
-        match self.session.publish(&outgoing, deadline).await {
-            Ok(()) => Ok((self, group, newly)),
-            Err(error) => Err((self, error)),
-        }
+    /// Publishes the rows of `group` not yet marked released: the broker holds them, or never
+    /// got them.
+    async fn publish(&mut self, group: &[Pending], deadline: Instant) -> Result<(), String> {
+        let outgoing: Vec<Outgoing> = unreleased(group).map(Pending::outgoing).collect();
+        self.session.publish(outgoing, deadline).await
     }
+}
+
+/// The rows of a group that PUBREL may not have gone out for yet.
+fn unreleased(group: &[Pending]) -> impl Iterator<Item = &Pending> {
+    group.iter().filter(|row| !row.released)
 }
 
 async fn count_unpublished(tx: &tokio_postgres::Transaction<'_>) -> Result<i64, AlertError> {

@@ -101,14 +101,13 @@ impl Session {
     /// published again under a packet id it still holds is recognised and not stored twice.
     pub async fn publish(
         &mut self,
-        messages: &[Outgoing],
+        messages: Vec<Outgoing>,
         deadline: Instant,
     ) -> Result<(), String> {
         let packets: Vec<Packet> = messages
-            .iter()
+            .into_iter()
             .map(|message| {
-                let mut publish =
-                    Publish::new(&message.topic, QoS::ExactlyOnce, message.payload.clone());
+                let mut publish = Publish::new(message.topic, QoS::ExactlyOnce, message.payload);
                 publish.pkid = message.pkid;
                 Packet::Publish(publish)
             })
