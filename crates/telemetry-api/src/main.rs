@@ -147,7 +147,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             shown.postgres.admin_url = config::redact_url(&shown.postgres.admin_url);
             print!(
                 "{}",
-                cli::config_toml(&shown).context("cannot print the config")?
+                toml::to_string_pretty(&shown).context("cannot print the config")?
             );
         }
     }

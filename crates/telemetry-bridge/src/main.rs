@@ -95,7 +95,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // KafkaConfig::properties), so the printed config is safe to share.
             print!(
                 "{}",
-                cli::config_toml(&config).context("cannot print the config")?
+                toml::to_string_pretty(&config).context("cannot print the config")?
             );
         }
     }

@@ -9,7 +9,7 @@
 //! - `migrations` (feature `postgres`): embedded SQL migrations under an advisory lock.
 //! - [`backoff`]: capped, jittered retry delays for outages.
 //! - [`shutdown`]: one shutdown signal that every long-lived task watches.
-//! - [`cli`]: what every binary's `main` shares (exit code, `print-config`).
+//! - [`cli`]: what every binary's `main` shares (the exit code and error line).
 //! - [`observe`]: logging set-up, the Prometheus recorder and the `/metrics`, `/healthz` and
 //!   `/readyz` server.
 

@@ -182,7 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             shown.postgres.url = config::redact_url(&shown.postgres.url);
             print!(
                 "{}",
-                cli::config_toml(&shown).context("cannot print the config")?
+                toml::to_string_pretty(&shown).context("cannot print the config")?
             );
         }
     }
