@@ -54,9 +54,12 @@ impl Default for ApiConfig {
 pub struct PostgresConfig {
     /// Connection URL for every query the service makes, normally PgBouncer's (transaction mode)
     /// as the read-only role, e.g. `postgres://telemetry_reader@pgbouncer:6432/telemetry`.
+    /// Printed without its password, as is `admin_url`.
+    #[serde(serialize_with = "telemetry_core::config::serialize_redacted_url")]
     pub url: String,
     /// Connection URL for what writes: migrations and the `token` subcommands. Empty means `url`,
     /// which is enough when `url` connects as a role that may write.
+    #[serde(serialize_with = "telemetry_core::config::serialize_redacted_url")]
     pub admin_url: String,
     /// Connections kept by this replica; one request holds one for a single query.
     pub pool_size: usize,

@@ -174,6 +174,15 @@ pub fn resolve_secret(
     }
 }
 
+/// For `#[serde(serialize_with = ...)]` on a connection URL in a config: serializes it with
+/// its password hidden, so `print-config` never shows it, whichever binary prints.
+pub fn serialize_redacted_url<S: serde::Serializer>(
+    url: &str,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&redact_url(url))
+}
+
 /// Hides the password in a `scheme://user:password@host/...` URL before it is printed.
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
@@ -338,6 +347,20 @@ mod tests {
         );
         assert_eq!(redact_url("postgres://me@db/x"), "postgres://me@db/x");
         assert_eq!(redact_url("db:5432"), "db:5432");
+    }
+
+    #[test]
+    fn a_url_field_serializes_without_its_password() {
+        #[derive(Serialize)]
+        struct Database {
+            #[serde(serialize_with = "serialize_redacted_url")]
+            url: String,
+        }
+        let shown = serde_json::to_string(&Database {
+            url: "postgres://me:secret@db/x".into(),
+        })
+        .unwrap();
+        assert_eq!(shown, r#"{"url":"postgres://me:***@db/x"}"#);
     }
 
     #[test]

@@ -50,7 +50,8 @@ impl Default for WorkerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresConfig {
     /// Connection URL, normally PgBouncer's (transaction mode), e.g.
-    /// `postgres://telemetry@127.0.0.1:6432/telemetry`.
+    /// `postgres://telemetry@127.0.0.1:6432/telemetry`. Printed without its password.
+    #[serde(serialize_with = "telemetry_core::config::serialize_redacted_url")]
     pub url: String,
     /// Connections kept by this replica: one per writer (`batch.writers`) and two for an alert
     /// outbox round (its partition locks, and its release marks committed meanwhile). With

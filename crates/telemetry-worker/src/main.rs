@@ -176,13 +176,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("start the workers: they read each partition again from from_offset");
         }
         Command::PrintConfig => {
-            // The URL may carry a password; what is printed may end up in a ticket or a log.
-            // Other secrets serialize as "***".
-            let mut shown = config;
-            shown.postgres.url = config::redact_url(&shown.postgres.url);
+            // Secrets and the database URL's password serialize as "***": what is printed may
+            // end up in a ticket or a log.
             print!(
                 "{}",
-                toml::to_string_pretty(&shown).context("cannot print the config")?
+                toml::to_string_pretty(&config).context("cannot print the config")?
             );
         }
     }
