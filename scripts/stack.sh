@@ -28,6 +28,10 @@ API_LISTEN=${API_LISTEN:-127.0.0.1:8081}
 PARTITIONS=${PARTITIONS:-12}
 # Empty: the worker's default (batch.max_wait_ms, 100 ms). Lower trades larger batches for latency.
 WORKER_BATCH_MAX_WAIT_MS=${WORKER_BATCH_MAX_WAIT_MS:-}
+# Empty: the worker's default (batch.linger_ms, 5 ms).
+WORKER_BATCH_LINGER_MS=${WORKER_BATCH_LINGER_MS:-}
+# A TOML file with more worker settings (e.g. `[kafka.properties]`); the flags above win.
+WORKER_CONFIG=${WORKER_CONFIG:-}
 BIN_DIR=${BIN_DIR:-$here/target/release}
 DATABASE=telemetry
 
@@ -236,6 +240,8 @@ up() {
     local brokers="127.0.0.1:$KAFKA_PORT"
     local batch_wait=()
     [ -z "$WORKER_BATCH_MAX_WAIT_MS" ] || batch_wait=(--batch-max-wait-ms "$WORKER_BATCH_MAX_WAIT_MS")
+    [ -z "$WORKER_BATCH_LINGER_MS" ] || batch_wait+=(--batch-linger-ms "$WORKER_BATCH_LINGER_MS")
+    [ -z "$WORKER_CONFIG" ] || batch_wait+=(--config "$WORKER_CONFIG")
     TELEMETRY_WORKER_ALERTS__OUTBOX__MQTT__USERNAME=telemetry-worker \
     TELEMETRY_WORKER_ALERTS__OUTBOX__MQTT__PASSWORD=telemetry-worker \
         start_stage telemetry-worker --brokers "$brokers" --http-listen "$WORKER_HTTP" \

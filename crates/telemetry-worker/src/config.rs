@@ -53,9 +53,9 @@ pub struct PostgresConfig {
     /// `postgres://telemetry@127.0.0.1:6432/telemetry`. Printed without its password.
     #[serde(serialize_with = "telemetry_core::config::serialize_redacted_url")]
     pub url: String,
-    /// Connections kept by this replica: one per writer (`batch.writers`) and two for an alert
-    /// outbox round (its partition locks, and its release marks committed meanwhile). With
-    /// fewer, the outbox waits for a writer's connection between batches.
+    /// Connections kept by this replica: one per writer (`batch.writers`) and two per alert
+    /// outbox publisher (`alerts.outbox.publishers`: a round's partition locks, and its
+    /// release marks committed meanwhile). With fewer, they wait for each other's.
     pub pool_size: usize,
     /// How long one batch's transaction may take before it is abandoned and retried on a new
     /// connection. PgBouncer holds queries while PostgreSQL is down instead of failing them,
@@ -67,7 +67,7 @@ impl Default for PostgresConfig {
     fn default() -> Self {
         Self {
             url: "postgres://postgres@127.0.0.1:6432/telemetry".into(),
-            pool_size: 4,
+            pool_size: 6,
             write_timeout_ms: 15_000,
         }
     }
@@ -80,6 +80,13 @@ pub struct BatchConfig {
     pub max_records: usize,
     /// ...or when this many milliseconds have passed since its first record, whichever is first.
     pub max_wait_ms: u64,
+    /// A batch whose writer is idle is written sooner: once every record ready in the consumer
+    /// is in it and this many milliseconds have passed since its first record, or as many as
+    /// the writer's last batch took, whichever is longer. While a writer stores one batch, the
+    /// next gathers what arrives meanwhile, so batches grow with the load (group commit) and
+    /// light load is stored at once. At most `max_wait_ms`; equal to it, every batch waits the
+    /// full window.
+    pub linger_ms: u64,
     /// Batches written at once, each on its own connection. Partitions are split between the
     /// writers, so each partition's batches stay in order; more than one lets PostgreSQL work
     /// on one batch while the next is sent.
@@ -91,6 +98,7 @@ impl Default for BatchConfig {
         Self {
             max_records: 1000,
             max_wait_ms: 100,
+            linger_ms: 5,
             writers: 2,
         }
     }
@@ -105,6 +113,10 @@ impl PostgresConfig {
 impl BatchConfig {
     pub fn max_wait(&self) -> Duration {
         Duration::from_millis(self.max_wait_ms)
+    }
+
+    pub fn linger(&self) -> Duration {
+        Duration::from_millis(self.linger_ms)
     }
 }
 
@@ -150,6 +162,15 @@ impl Validate for WorkerConfig {
                 "must be between 1 and 60000",
             ));
         }
+        if self.batch.linger_ms > self.batch.max_wait_ms {
+            return Err(ConfigError::invalid(
+                "batch.linger_ms",
+                format!(
+                    "is {} but batch.max_wait_ms is {}: a batch never waits longer than max_wait_ms",
+                    self.batch.linger_ms, self.batch.max_wait_ms
+                ),
+            ));
+        }
         if !(1..=64).contains(&self.batch.writers) {
             return Err(ConfigError::invalid(
                 "batch.writers",
@@ -166,10 +187,17 @@ impl Validate for WorkerConfig {
             ));
         }
         self.alerts.validate()?;
-        if self.alerts.rules.path.is_some() && self.postgres.pool_size < 2 {
+        let publishers = self.alerts.outbox.publishers;
+        if self.alerts.rules.path.is_some() && self.postgres.pool_size < publishers + 1 {
             return Err(ConfigError::invalid(
                 "postgres.pool_size",
-                "must be at least 2 with alert rules: an outbox round holds two connections",
+                format!(
+                    "is {} but must be at least {} with alert rules and \
+                     alerts.outbox.publishers = {publishers}: each outbox round holds two \
+                     connections, and with fewer the rounds wait for each other's",
+                    self.postgres.pool_size,
+                    publishers + 1
+                ),
             ));
         }
         if self.max_payload_bytes == 0 {
@@ -192,6 +220,16 @@ mod tests {
     }
 
     #[test]
+    fn a_linger_longer_than_the_window_is_named() {
+        let mut config = WorkerConfig::default();
+        config.batch.linger_ms = config.batch.max_wait_ms + 1;
+        let message = config.validate().unwrap_err().to_string();
+        assert!(message.contains("batch.linger_ms"), "{message}");
+        config.batch.linger_ms = config.batch.max_wait_ms;
+        config.validate().unwrap();
+    }
+
+    #[test]
     fn a_bad_batch_size_is_named() {
         let mut config = WorkerConfig::default();
         config.batch.max_records = 0;
@@ -211,15 +249,24 @@ mod tests {
     }
 
     #[test]
-    fn alerts_need_two_connections() {
+    fn alert_publishers_need_a_connection_each_and_one_more() {
         let mut config = WorkerConfig::default();
         config.batch.writers = 1;
         config.postgres.pool_size = 1;
         config.validate().unwrap();
         config.alerts.rules.path = Some("rules.toml".into());
+        config.alerts.outbox.publishers = 1;
         let message = config.validate().unwrap_err().to_string();
         assert!(message.contains("postgres.pool_size"), "{message}");
         config.postgres.pool_size = 2;
+        config.validate().unwrap();
+        config.alerts.outbox.publishers = 2;
+        let message = config.validate().unwrap_err().to_string();
+        assert!(
+            message.contains("postgres.pool_size") && message.contains("at least 3"),
+            "{message}"
+        );
+        config.postgres.pool_size = 3;
         config.validate().unwrap();
     }
 

@@ -78,11 +78,12 @@ fn consumer_config(kafka: &KafkaConfig, group_id: &str) -> rdkafka::ClientConfig
         // A partition whose queue is full is fetched again after this long (default 1 s): a
         // drained queue refills before the reader runs dry.
         ("fetch.queue.backoff.ms", "10"),
-        // A broker that does not answer a fetch as soon as data arrives holds it for this long;
-        // librdkafka's 500 ms default then dominated end-to-end latency at low rates (p50
-        // 485 ms against 97 ms with 20 ms on the local stack). Busy partitions are unaffected:
-        // their fetches return full.
-        ("fetch.wait.max.ms", "50"),
+        // How long a broker may hold a fetch that found too little data. Kafka and Redpanda
+        // answer as soon as data arrives, so this only paces fetches of an idle topic; Tansu
+        // holds every fetch this long, data or not, so on the local stack it is a floor under
+        // end-to-end latency: at 8,905 msg/s 50 ms gave a reading e2e p50 of 84 ms, 10 ms one
+        // of 40 ms (docs/performance.md). `kafka.properties` overrides it.
+        ("fetch.wait.max.ms", "10"),
         // The worker reads non-transactional records only; read_committed also fails on some
         // Kafka-compatible brokers.
         ("isolation.level", "read_uncommitted"),
@@ -284,16 +285,24 @@ pub async fn consume(
     let (lanes, queues): (Vec<_>, Vec<_>) = (0..config.batch.writers.max(1))
         .map(|_| mpsc::channel::<Batch>(1))
         .unzip();
+    let (done, finished) = mpsc::unbounded_channel();
     let reader = tokio::spawn(read_batches(
         consumer.clone(),
         config.batch.clone(),
         config.max_payload_bytes,
         shutdown.clone(),
-        lanes,
+        Lanes::new(lanes, finished),
     ));
-    let writers = queues
-        .into_iter()
-        .map(|queue| write_batches(&consumer, sink, &config.kafka.topic, queue, shutdown));
+    let writers = queues.into_iter().enumerate().map(|(writer, queue)| {
+        write_batches(
+            &consumer,
+            sink,
+            &config.kafka.topic,
+            queue,
+            (writer, &done),
+            shutdown,
+        )
+    });
     let outcome = futures::future::join_all(writers)
         .await
         .into_iter()
@@ -303,15 +312,18 @@ pub async fn consume(
     outcome
 }
 
-/// One writer: stores its batches in order and commits each one's offsets to Kafka.
+/// One writer: stores its batches in order, commits each one's offsets to Kafka, and tells
+/// the reader after each batch.
 async fn write_batches(
     consumer: &WorkerConsumer,
     sink: &Sink,
     topic: &str,
     mut batches: mpsc::Receiver<Batch>,
+    (writer, done): (usize, &mpsc::UnboundedSender<WriteReport>),
     shutdown: &Shutdown,
 ) -> Result<(), SinkError> {
     while let Some(batch) = batches.recv().await {
+        let started = Instant::now();
         match sink.store(&batch, shutdown).await {
             Ok(stored) => tracing::debug!(records = batch.len(), ?stored, "batch stored"),
             // Nothing was stored or committed; the records come again after restart.
@@ -324,8 +336,85 @@ async fn write_batches(
             }
         }
         commit_to_kafka(consumer, topic, &batch);
+        // The reader is gone only at shutdown, when nothing more comes.
+        let _ = done.send((writer, started.elapsed()));
     }
     Ok(())
+}
+
+/// What the reader knows of a writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writer {
+    /// Storing a batch, or holding one in its queue.
+    Busy,
+    /// Waiting for a batch; its last one took this long to store.
+    Idle { last_write: Duration },
+}
+
+/// A writer's report after storing a batch: which writer, and how long the batch took.
+type WriteReport = (usize, Duration);
+
+/// The reader's side of the writers: a queue of one batch each, and which of them are idle.
+struct Lanes {
+    queues: Vec<mpsc::Sender<Batch>>,
+    /// Batches handed to each writer and not yet stored.
+    outstanding: Vec<usize>,
+    /// How long each writer's last batch took to store.
+    last_write: Vec<Duration>,
+    finished: mpsc::UnboundedReceiver<WriteReport>,
+}
+
+impl Lanes {
+    fn new(
+        queues: Vec<mpsc::Sender<Batch>>,
+        finished: mpsc::UnboundedReceiver<WriteReport>,
+    ) -> Self {
+        Self {
+            outstanding: vec![0; queues.len()],
+            last_write: vec![Duration::ZERO; queues.len()],
+            queues,
+            finished,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn writers(&self) -> Vec<Writer> {
+        self.outstanding
+            .iter()
+            .zip(&self.last_write)
+            .map(|(&outstanding, &last_write)| match outstanding {
+                0 => Writer::Idle { last_write },
+                _ => Writer::Busy,
+            })
+            .collect()
+    }
+
+    fn finished(&mut self, (writer, took): WriteReport) {
+        self.outstanding[writer] = self.outstanding[writer].saturating_sub(1);
+        self.last_write[writer] = took;
+    }
+
+    /// Takes in every "stored" report that is already there.
+    fn collect_finished(&mut self) {
+        while let Ok(stored) = self.finished.try_recv() {
+            self.finished(stored);
+        }
+    }
+
+    /// Gives a batch to its writer, waiting while the writer's queue is full (backpressure).
+    /// False when the writer has stopped.
+    async fn hand_over(&mut self, writer: usize, batch: Batch) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        metrics::consumed(batch.len());
+        let sent = self.queues[writer].send(batch).await.is_ok();
+        self.outstanding[writer] += 1;
+        sent
+    }
 }
 
 /// The batches being filled, one per writer, each with the time its first record arrived.
@@ -352,19 +441,34 @@ impl OpenBatches {
         (self.batches[writer].len() >= self.limits.max_records).then_some(writer)
     }
 
-    /// When the oldest open batch must be written, if any is open.
-    fn next_deadline(&self) -> Option<Instant> {
-        self.opened
-            .iter()
-            .flatten()
-            .min()
-            .map(|opened| *opened + self.limits.max_wait())
+    /// When a writer's open batch is due. While the writer is idle: `linger_ms` after its
+    /// first record, or as long after it as the writer's last batch took, whichever is later
+    /// (group commit: light load is stored at once, and a slower database, or a busier
+    /// machine, gets fewer and larger batches, so a writer spends at most about half its time
+    /// writing before the batches grow). While the writer is busy: `max_wait_ms` after it.
+    fn deadline(&self, writer: usize, state: Writer) -> Option<Instant> {
+        let wait = match state {
+            Writer::Idle { last_write } => self
+                .limits
+                .linger()
+                .max(last_write)
+                .min(self.limits.max_wait()),
+            Writer::Busy => self.limits.max_wait(),
+        };
+        self.opened[writer].map(|opened| opened + wait)
     }
 
-    /// The writers whose batches have waited `max_wait` since their first record.
-    fn due(&self, now: Instant) -> Vec<usize> {
+    /// When the first open batch is due, if any is open.
+    fn next_deadline(&self, writers: &[Writer]) -> Option<Instant> {
         (0..self.batches.len())
-            .filter(|&w| self.opened[w].is_some_and(|o| now >= o + self.limits.max_wait()))
+            .filter_map(|w| self.deadline(w, writers[w]))
+            .min()
+    }
+
+    /// The writers whose open batches are due.
+    fn due(&self, now: Instant, writers: &[Writer]) -> Vec<usize> {
+        (0..self.batches.len())
+            .filter(|&w| self.deadline(w, writers[w]).is_some_and(|due| now >= due))
             .collect()
     }
 
@@ -380,50 +484,67 @@ impl OpenBatches {
     }
 }
 
-/// Fills one batch per writer: a batch goes to its writer at `batch.max_records` records or
-/// `batch.max_wait_ms` after its first record, whichever is first. On shutdown the open
-/// batches are handed over too, so what was read is stored and committed.
+/// What woke the reader.
+enum Event<'a> {
+    Message(Option<Result<BorrowedMessage<'a>, KafkaError>>),
+    Stored(Option<WriteReport>),
+}
+
+/// Fills one batch per writer. A batch goes to its writer at `batch.max_records` records; else,
+/// once the reader has taken every record librdkafka holds ready, when it is due (see
+/// [`OpenBatches::deadline`]). On shutdown the open batches are handed over too, so what was
+/// read is stored and committed.
 async fn read_batches(
     consumer: Arc<WorkerConsumer>,
     limits: BatchConfig,
     max_payload_bytes: usize,
     shutdown: Shutdown,
-    lanes: Vec<mpsc::Sender<Batch>>,
+    mut lanes: Lanes,
 ) {
     let mut open = OpenBatches::new(lanes.len(), limits);
     loop {
-        let deadline = open.next_deadline();
-        let message = tokio::select! {
+        lanes.collect_finished();
+        let deadline = open.next_deadline(&lanes.writers());
+        // A message that is ready comes before a deadline that has passed (see
+        // `next_message`), so a due batch still takes what librdkafka already holds.
+        let event = tokio::select! {
             biased;
             _ = shutdown.wait() => break,
-            message = next_message(&consumer, deadline) => message,
+            message = next_message(&consumer, deadline) => Event::Message(message),
+            stored = lanes.finished.recv() => Event::Stored(stored),
         };
-        let full = match message {
-            Some(Ok(message)) => open.push(&message, max_payload_bytes),
-            Some(Err(error)) => {
+        let full = match event {
+            Event::Message(Some(Ok(message))) => open.push(&message, max_payload_bytes),
+            Event::Message(Some(Err(error))) => {
                 log_consumer_error(&error);
                 None
             }
-            None => None,
+            Event::Message(None) => None,
+            Event::Stored(Some(stored)) => {
+                lanes.finished(stored);
+                None
+            }
+            Event::Stored(None) => None,
         };
         let ready = full
             .into_iter()
-            .chain(open.due(Instant::now()))
+            .chain(open.due(Instant::now(), &lanes.writers()))
             .collect::<Vec<_>>();
         for writer in ready {
-            if !hand_over(&lanes[writer], open.take(writer)).await {
+            if !lanes.hand_over(writer, open.take(writer)).await {
                 return;
             }
         }
     }
     for writer in open.open_writers() {
-        if !hand_over(&lanes[writer], open.take(writer)).await {
+        if !lanes.hand_over(writer, open.take(writer)).await {
             return;
         }
     }
 }
 
-/// The next message, or `None` when the deadline passes first.
+/// The next message, or `None` when the deadline passes first. A message that is ready wins
+/// over a deadline that has passed: the timeout polls `recv` first.
 async fn next_message<'a>(
     consumer: &'a WorkerConsumer,
     deadline: Option<Instant>,
@@ -434,16 +555,6 @@ async fn next_message<'a>(
             .ok(),
         None => Some(consumer.recv().await),
     }
-}
-
-/// Gives a batch to its writer, waiting while the writer is busy (backpressure). False when the
-/// writer has stopped.
-async fn hand_over(lane: &mpsc::Sender<Batch>, batch: Batch) -> bool {
-    if batch.is_empty() {
-        return true;
-    }
-    metrics::consumed(batch.len());
-    lane.send(batch).await.is_ok()
 }
 
 /// librdkafka reports broker trouble through the consumer and keeps reconnecting by itself;
@@ -463,5 +574,93 @@ fn commit_to_kafka(consumer: &WorkerConsumer, topic: &str, batch: &Batch) {
     }
     if let Err(error) = consumer.commit(&offsets, CommitMode::Async) {
         tracing::debug!(%error, "kafka offset commit not sent");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> BatchConfig {
+        BatchConfig {
+            max_records: 1000,
+            max_wait_ms: 100,
+            linger_ms: 5,
+            writers: 2,
+        }
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn idle_after(last_write_ms: u32) -> Writer {
+        Writer::Idle {
+            last_write: MS * last_write_ms,
+        }
+    }
+
+    #[test]
+    fn an_idle_writers_batch_is_due_after_the_linger_a_busy_ones_after_the_window() {
+        let mut open = OpenBatches::new(2, limits());
+        let start = Instant::now();
+        open.opened = vec![Some(start), Some(start)];
+        let (idle, busy) = (idle_after(1), Writer::Busy);
+        assert_eq!(open.deadline(0, idle), Some(start + MS * 5));
+        assert_eq!(open.deadline(0, busy), Some(start + MS * 100));
+        let writers = [idle, busy];
+        assert_eq!(open.next_deadline(&writers), Some(start + MS * 5));
+        assert!(open.due(start, &writers).is_empty());
+        assert_eq!(open.due(start + MS * 5, &writers), vec![0]);
+        assert_eq!(open.due(start + MS * 100, &writers), vec![0, 1]);
+    }
+
+    #[test]
+    fn a_writer_that_wrote_slowly_gets_a_batch_that_waited_as_long_within_the_window() {
+        let mut open = OpenBatches::new(1, limits());
+        let start = Instant::now();
+        open.opened = vec![Some(start)];
+        assert_eq!(open.deadline(0, idle_after(30)), Some(start + MS * 30));
+        assert_eq!(open.deadline(0, idle_after(400)), Some(start + MS * 100));
+    }
+
+    #[test]
+    fn a_writer_without_an_open_batch_has_no_deadline() {
+        let mut open = OpenBatches::new(2, limits());
+        let writers = [idle_after(0), idle_after(0)];
+        assert_eq!(open.next_deadline(&writers), None);
+        open.opened[1] = Some(Instant::now());
+        assert_eq!(open.deadline(0, writers[0]), None);
+        assert!(open.next_deadline(&writers).is_some());
+        open.take(1);
+        assert_eq!(open.next_deadline(&writers), None);
+    }
+
+    #[tokio::test]
+    async fn a_writer_is_idle_once_it_has_stored_every_batch_it_was_handed() {
+        let (queue, mut batches) = mpsc::channel(1);
+        let (done, finished) = mpsc::unbounded_channel();
+        let mut lanes = Lanes::new(vec![queue], finished);
+        assert_eq!(lanes.writers(), vec![idle_after(0)]);
+        let mut batch = Batch::default();
+        batch.rows.push(crate::record::Row {
+            device_time: None,
+            received_at: chrono::Utc::now(),
+            device: telemetry_core::contract::DeviceId {
+                user: "u".into(),
+                device: "d".into(),
+            },
+            seq: None,
+            payload: b"{}".to_vec(),
+            partition: 0,
+            offset: 0,
+        });
+        // An empty batch is not handed over at all.
+        assert!(lanes.hand_over(0, Batch::default()).await);
+        assert_eq!(lanes.writers(), vec![idle_after(0)]);
+        assert!(lanes.hand_over(0, batch).await);
+        assert_eq!(lanes.writers(), vec![Writer::Busy]);
+        batches.recv().await.unwrap();
+        done.send((0, MS * 12)).unwrap();
+        lanes.collect_finished();
+        assert_eq!(lanes.writers(), vec![idle_after(12)]);
     }
 }

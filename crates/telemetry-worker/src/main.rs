@@ -46,6 +46,9 @@ struct Cli {
     /// Milliseconds a batch may wait for more records (batch.max_wait_ms).
     #[arg(long, global = true)]
     batch_max_wait_ms: Option<u64>,
+    /// Milliseconds a batch waits for more records while its writer is idle (batch.linger_ms).
+    #[arg(long, global = true)]
+    batch_linger_ms: Option<u64>,
     /// Batches written at once, each on its own connection (batch.writers).
     #[arg(long, global = true)]
     batch_writers: Option<usize>,
@@ -131,6 +134,7 @@ fn load_config(cli: &Cli) -> Result<WorkerConfig, config::ConfigError> {
             ("postgres.url", flag(cli.database_url.clone())),
             ("batch.max_records", flag(cli.batch_max_records)),
             ("batch.max_wait_ms", flag(cli.batch_max_wait_ms)),
+            ("batch.linger_ms", flag(cli.batch_linger_ms)),
             ("batch.writers", flag(cli.batch_writers)),
             ("http.listen", flag(cli.http_listen.map(|a| a.to_string()))),
             ("migrate_on_start", flag(cli.no_migrate.then_some(false))),

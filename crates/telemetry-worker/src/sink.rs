@@ -297,7 +297,9 @@ impl Sink {
         metrics::record_age(to_copy.iter().map(|row| row.received_at));
         if let (Some(stage), false) = (&self.alerts, alerts.is_empty()) {
             telemetry_alerts::metrics::events_committed(&alerts);
-            stage.outbox.wake();
+            stage
+                .outbox
+                .wake_partitions(alerts.iter().map(|event| event.partition));
         }
         Ok(Stored {
             written: (to_copy.len() - rejected.len()) as u64,

@@ -218,3 +218,54 @@ async fn device_latest_holds_each_devices_newest_reading() {
         assert_eq!(row.get::<_, i64>(1), expected["seq"].as_i64().unwrap());
     }
 }
+
+/// Transactions that stored this fixture's rows: each batch is one, and `ingested_at` is its
+/// start time, shared by the batch's rows.
+async fn batches_stored(fixture: &Fixture) -> i64 {
+    fixture
+        .database()
+        .await
+        .query_one("SELECT count(DISTINCT ingested_at) FROM raw_telemetry", &[])
+        .await
+        .expect("count batches")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_stores_a_record_without_waiting_out_the_batch_window() {
+    let fixture = Fixture::new(2);
+    let mut config = fixture.worker_config(&unique_name("group"));
+    // A window far longer than the wait below: only the idle writer's linger can store it.
+    config.batch.max_wait_ms = 60_000;
+    config.batch.linger_ms = 0;
+    let worker = fixture.start_worker_with(config);
+    let records = fixture.records(1, 1);
+    fixture.produce(&records).await;
+    assert_eq!(
+        fixture.wait_for_rows(1, Duration::from_secs(30)).await,
+        1,
+        "a lone record waited for the 60 s batch window"
+    );
+    worker.stop().await;
+    fixture.assert_stored_exactly_once(&records).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_stored_in_batches_not_record_by_record() {
+    let fixture = Fixture::new(2);
+    let records = fixture.records(3000, 30);
+    fixture.produce(&records).await;
+    let mut config = fixture.worker_config(&unique_name("group"));
+    config.batch.linger_ms = 0;
+    config.batch.max_records = 1000;
+    let worker = fixture.start_worker_with(config);
+    assert_eq!(fixture.wait_for_rows(3000, A_MINUTE).await, 3000);
+    worker.stop().await;
+    fixture.assert_stored_exactly_once(&records).await;
+    // Records that wait in the consumer go in the batch being filled, not one at a time.
+    let batches = batches_stored(&fixture).await;
+    assert!(
+        (3..=300).contains(&batches),
+        "3000 records took {batches} transactions (at most 1000 records each, 10 or more on average expected)"
+    );
+}

@@ -25,6 +25,9 @@ pub struct OutboxConfig {
     /// times out), EMQX's `mqtt.max_awaiting_rel` (100 by default). Each group costs one
     /// database write.
     pub max_in_flight: usize,
+    /// Rounds run side by side, each on its share of the partitions (partition mod
+    /// publishers). Each round holds two database connections.
+    pub publishers: usize,
 }
 
 impl Default for OutboxConfig {
@@ -35,6 +38,7 @@ impl Default for OutboxConfig {
             batch_size: 500,
             ack_timeout_ms: 10_000,
             max_in_flight: 20,
+            publishers: 2,
         }
     }
 }
@@ -134,6 +138,12 @@ impl Validate for OutboxConfig {
             return Err(ConfigError::invalid(
                 "alerts.outbox.max_in_flight",
                 "must be between 1 and 1000, and within what the broker holds per session",
+            ));
+        }
+        if !(1..=64).contains(&self.publishers) {
+            return Err(ConfigError::invalid(
+                "alerts.outbox.publishers",
+                "must be between 1 and 64",
             ));
         }
         Ok(())

@@ -29,6 +29,10 @@
 //! Order: a partition's rows are published in `id` order, one group after the other, and a
 //! device's rows are in one partition (the worker writes a partition's batches one at a time,
 //! so ids follow the readings). A broker outage leaves the rows waiting.
+//!
+//! A replica runs `alerts.outbox.publishers` such rounds side by side, each on its own share of
+//! the partitions (partition mod publishers), so alerts of one partition never wait for a
+//! round busy with another share.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -53,7 +57,9 @@ use crate::metrics;
 const PUBLISH_LOCK_CLASS: i32 = 0x616c_7274;
 
 /// The partitions with unpublished alerts, found with a loose index scan (one index probe per
-/// partition, however long the backlog), each locked unless another replica holds it.
+/// partition, however long the backlog); each of this publisher's share (`p % $2 = $3`) is
+/// locked unless another publisher holds it. The CASE keeps the lock from being tried on
+/// partitions outside the share, whatever order the planner evaluates conditions in.
 const LOCK_PARTITIONS: &str = "
 WITH RECURSIVE pending(p) AS (
     (SELECT kafka_partition FROM alerts WHERE published_at IS NULL
@@ -64,7 +70,8 @@ WITH RECURSIVE pending(p) AS (
             ORDER BY a.kafka_partition LIMIT 1)
     FROM pending WHERE pending.p IS NOT NULL
 )
-SELECT p FROM pending WHERE p IS NOT NULL AND pg_try_advisory_xact_lock($1, p)";
+SELECT p FROM pending
+WHERE p IS NOT NULL AND CASE WHEN p % $2 = $3 THEN pg_try_advisory_xact_lock($1, p) ELSE false END";
 
 /// The oldest unpublished rows of the locked partitions, each partition read in index order.
 const SELECT_UNPUBLISHED: &str = "
@@ -81,22 +88,40 @@ ORDER BY a.id LIMIT $2";
 #[derive(Debug)]
 pub struct Outbox {
     config: OutboxConfig,
-    wake: Arc<Notify>,
+    /// One per publisher, in share order.
+    wakes: Arc<[Notify]>,
 }
 
 /// Starts a publishing round now instead of at the next poll. Cheap to clone and to call; the
 /// worker calls it after committing a batch that produced alerts.
 #[derive(Debug, Clone)]
 pub struct OutboxWaker {
-    wake: Arc<Notify>,
+    wakes: Arc<[Notify]>,
 }
 
 impl OutboxWaker {
+    /// Wakes every publisher.
     pub fn wake(&self) {
-        // A permit is stored when the publisher is busy, so the alerts of a batch committed
-        // during a round are picked up by the next round, right after.
-        self.wake.notify_one();
+        self.wakes.iter().for_each(Notify::notify_one);
     }
+
+    /// Wakes the publishers of these partitions' shares only.
+    pub fn wake_partitions(&self, partitions: impl IntoIterator<Item = i32>) {
+        let mut woken = vec![false; self.wakes.len()];
+        for partition in partitions {
+            let share = share_of(partition, self.wakes.len());
+            if !std::mem::replace(&mut woken[share], true) {
+                // A permit is stored when the publisher is busy, so the alerts of a batch
+                // committed during a round are picked up by the next round, right after.
+                self.wakes[share].notify_one();
+            }
+        }
+    }
+}
+
+/// Which publisher of a replica publishes a partition.
+fn share_of(partition: i32, publishers: usize) -> usize {
+    partition.rem_euclid(publishers.max(1) as i32) as usize
 }
 
 /// Why a round failed; decides whether the MQTT connection is kept.
@@ -159,38 +184,52 @@ fn in_flight_groups(rows: &[Pending], max: usize) -> Vec<&[Pending]> {
 impl Outbox {
     pub fn new(config: OutboxConfig) -> Result<Outbox, AlertError> {
         config.validate()?;
-        Ok(Outbox {
-            config,
-            wake: Arc::new(Notify::new()),
-        })
+        let wakes = (0..config.publishers).map(|_| Notify::new()).collect();
+        Ok(Outbox { config, wakes })
     }
 
     pub fn waker(&self) -> OutboxWaker {
         OutboxWaker {
-            wake: self.wake.clone(),
+            wakes: self.wakes.clone(),
         }
     }
 
-    /// Publishes rounds until shutdown: at once when woken, else every poll interval; waits
-    /// out database and broker outages. Finishes the round in progress before returning.
+    /// Runs the publishers until shutdown; each finishes the round it is in before returning.
     pub async fn run(self, pool: Pool, shutdown: Shutdown) -> Result<(), AlertError> {
+        tracing::info!(
+            broker = %format!("{}:{}", self.config.mqtt.host, self.config.mqtt.port),
+            sessions = %format!("{}-p{{partition}}", self.config.mqtt.client_id),
+            publishers = self.config.publishers,
+            "alert outbox publishing"
+        );
+        let share = |index| Share {
+            index,
+            of: self.config.publishers,
+        };
+        let publishers = (0..self.config.publishers)
+            .map(|index| self.publish_share(share(index), &pool, &shutdown));
+        futures::future::join_all(publishers).await;
+        tracing::info!("alert outbox stopped");
+        Ok(())
+    }
+
+    /// One publisher: rounds on its share of the partitions, at once when woken, else every
+    /// poll interval; waits out database and broker outages.
+    async fn publish_share(&self, share: Share, pool: &Pool, shutdown: &Shutdown) {
         // Capped low: alerts wait while the broker is away, so it is worth noticing its return
         // within a couple of seconds.
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let mut gauge_due = Instant::now();
         let mut failing: Option<String> = None;
         let mut sessions = Sessions::new();
-        tracing::info!(
-            broker = %format!("{}:{}", self.config.mqtt.host, self.config.mqtt.port),
-            sessions = %format!("{}-p{{partition}}", self.config.mqtt.client_id),
-            "alert outbox publishing"
-        );
+        let wake = &self.wakes[share.index];
         while !shutdown.is_triggered() {
-            let count_pending = Instant::now() >= gauge_due;
+            // The gauge counts every partition; one publisher keeps it.
+            let count_pending = share.index == 0 && Instant::now() >= gauge_due;
             if count_pending {
                 gauge_due = Instant::now() + self.config.poll_interval();
             }
-            match self.round(&pool, count_pending, &mut sessions).await {
+            match self.round(pool, share, count_pending, &mut sessions).await {
                 Ok(published) => {
                     backoff.reset();
                     if failing.take().is_some() {
@@ -202,7 +241,7 @@ impl Outbox {
                     tokio::select! {
                         biased;
                         _ = shutdown.wait() => break,
-                        _ = self.wake.notified() => {}
+                        _ = wake.notified() => {}
                         _ = tokio::time::sleep(self.config.poll_interval()) => {}
                     }
                 }
@@ -216,6 +255,7 @@ impl Outbox {
                     // A broker that stays down fails every round the same way: say it once.
                     if failing.as_ref() != Some(&message) {
                         tracing::warn!(error = %message, retry_in_ms = delay.as_millis() as u64,
+                            publisher = share.index,
                             "alerts not published; they stay in the outbox and are retried");
                         failing = Some(message);
                     }
@@ -228,8 +268,6 @@ impl Outbox {
             }
         }
         futures::future::join_all(sessions.into_values().map(Session::disconnect)).await;
-        tracing::info!("alert outbox stopped");
-        Ok(())
     }
 
     /// One transaction: lock partitions, publish their oldest unpublished rows (each partition
@@ -238,6 +276,7 @@ impl Outbox {
     async fn round(
         &self,
         pool: &Pool,
+        share: Share,
         count_pending: bool,
         sessions: &mut Sessions,
     ) -> Result<usize, RoundError> {
@@ -248,7 +287,14 @@ impl Outbox {
             .await
             .map_err(step("beginning an outbox transaction"))?;
         let partitions: Vec<i32> = tx
-            .query_typed(LOCK_PARTITIONS, &[(&PUBLISH_LOCK_CLASS, Type::INT4)])
+            .query_typed(
+                LOCK_PARTITIONS,
+                &[
+                    (&PUBLISH_LOCK_CLASS, Type::INT4),
+                    (&(share.of as i32), Type::INT4),
+                    (&(share.index as i32), Type::INT4),
+                ],
+            )
             .await
             .map_err(step("locking partitions with unpublished alerts"))?
             .iter()
@@ -518,6 +564,13 @@ impl Outbox {
 /// Open publishing sessions, by partition, kept between rounds.
 type Sessions = HashMap<i32, Session>;
 
+/// A publisher's share of the partitions: those whose number mod `of` is `index`.
+#[derive(Debug, Clone, Copy)]
+struct Share {
+    index: usize,
+    of: usize,
+}
+
 /// One partition's session within a round, and its groups still to publish.
 struct Lane<'a> {
     partition: i32,
@@ -577,6 +630,25 @@ mod tests {
             .iter()
             .map(|g| g.iter().map(|r| r.id).collect())
             .collect()
+    }
+
+    #[test]
+    fn every_partition_has_one_publisher_and_a_waker_wakes_only_theirs() {
+        assert_eq!(share_of(5, 2), 1);
+        assert_eq!(share_of(4, 2), 0);
+        assert_eq!(share_of(7, 1), 0);
+        let outbox = Outbox::new(OutboxConfig {
+            publishers: 3,
+            ..OutboxConfig::default()
+        })
+        .unwrap();
+        outbox.waker().wake_partitions([1, 4, 7]);
+        let woken = |share: usize| {
+            futures::FutureExt::now_or_never(outbox.wakes[share].notified()).is_some()
+        };
+        assert_eq!((woken(0), woken(1), woken(2)), (false, true, false));
+        outbox.waker().wake();
+        assert_eq!((woken(0), woken(1), woken(2)), (true, true, true));
     }
 
     #[test]
