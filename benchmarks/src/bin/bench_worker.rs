@@ -14,7 +14,7 @@
 //!   `Sink::store`, which also locks and advances `ingest_offsets` and by default upserts
 //!   `device_latest`: with one writer, one writer without `device_latest`, and as the worker
 //!   runs it, with `batch.writers` (default 2) loops at once, each on its own connection and
-//!   given the partitions `ingest::writer_of` gives it. The tables are emptied before every run; runs
+//!   given the partitions `kafka::share_of` gives it. The tables are emptied before every run; runs
 //!   alternate in rounds, and each side's rate is that of its fastest round, because load from
 //!   other processes on a shared machine only ever slows a run down. Each side's client CPU
 //!   (this process, or psql) is reported per row.
@@ -54,13 +54,12 @@ use rdkafka::util::Timeout;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use telemetry_core::contract::{self, header};
-use telemetry_core::kafka::KafkaConfig;
+use telemetry_core::kafka::{self, KafkaConfig};
 use telemetry_core::observe::Health;
 use telemetry_core::Shutdown;
 use telemetry_worker::config::{BatchConfig, PostgresConfig};
 use telemetry_worker::copy;
 use telemetry_worker::dlq::DeadLetterProducer;
-use telemetry_worker::ingest;
 use telemetry_worker::record::{Batch, Row};
 use telemetry_worker::sink::Sink;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -346,7 +345,7 @@ enum Writer {
     /// One `Sink::store` loop with `.keep_device_latest(false)`.
     SinkWithoutLatest,
     /// The worker's write path: `batch.writers` `Sink::store` loops at once, each on its own
-    /// connection, with the partitions `ingest::writer_of` assigns it.
+    /// connection, with the partitions `kafka::share_of` assigns it.
     Worker,
 }
 
@@ -490,7 +489,7 @@ async fn write_path(
                     let writers = BatchConfig::default().writers;
                     let of = |writer: usize| {
                         batches.iter().filter(move |batch| {
-                            ingest::writer_of(batch.rows[0].partition, writers) == writer
+                            kafka::share_of(batch.rows[0].partition, writers) == writer
                         })
                     };
                     futures::future::try_join_all(

@@ -149,9 +149,26 @@ impl KafkaConfig {
     }
 }
 
+/// Which of `shares` tasks of one process handles a partition: partition mod shares. Fixed for
+/// each partition, so one task sees all of a partition's records, in order. The worker's writers
+/// and the alert outbox's publishers split partitions this way, so with as many of each, a
+/// writer's alerts go to one publisher.
+pub fn share_of(partition: i32, shares: usize) -> usize {
+    partition.rem_euclid(shares.max(1) as i32) as usize
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_partition_has_one_share_in_range() {
+        assert_eq!(share_of(4, 2), 0);
+        assert_eq!(share_of(5, 2), 1);
+        assert_eq!(share_of(7, 1), 0);
+        assert_eq!(share_of(7, 0), 0);
+        assert!((0..12).all(|p| share_of(p, 5) < 5));
+    }
 
     #[test]
     fn secret_properties_print_as_stars_and_secret_files_reach_librdkafka() {

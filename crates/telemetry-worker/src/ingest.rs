@@ -22,7 +22,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
-use telemetry_core::kafka::KafkaConfig;
+use telemetry_core::kafka::{self, KafkaConfig};
 use telemetry_core::Shutdown;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -262,17 +262,11 @@ async fn query_stored_positions(
     }
 }
 
-/// Which writer stores a partition's batches. Fixed for each partition, so a partition's
-/// batches are stored in the order they were read.
-pub fn writer_of(partition: i32, writers: usize) -> usize {
-    partition.rem_euclid(writers.max(1) as i32) as usize
-}
-
 /// Consumes until shutdown; returns after the batches in flight are stored and committed.
 ///
 /// A reader takes records from Kafka and decodes them into one batch per writer while
 /// `batch.writers` writers store earlier batches, each on its own connection. Partitions are
-/// split between the writers ([`writer_of`]), so the database works on several batches at
+/// split between the writers ([`kafka::share_of`]), so the database works on several batches at
 /// once while each partition's batches still go in order. A channel of one batch per writer
 /// keeps every writer busy and memory bounded (per writer one batch being written and one
 /// ready, plus librdkafka's capped prefetch).
@@ -435,7 +429,7 @@ impl OpenBatches {
 
     /// Decodes the message into its writer's batch; returns that writer if the batch is full.
     fn push(&mut self, message: &BorrowedMessage<'_>, max_payload_bytes: usize) -> Option<usize> {
-        let writer = writer_of(message.partition(), self.batches.len());
+        let writer = kafka::share_of(message.partition(), self.batches.len());
         self.batches[writer].push(message, max_payload_bytes);
         self.opened[writer].get_or_insert_with(Instant::now);
         (self.batches[writer].len() >= self.limits.max_records).then_some(writer)

@@ -42,6 +42,7 @@ use deadpool_postgres::{Object, Pool};
 use telemetry_core::backoff::Backoff;
 use telemetry_core::config::Validate;
 use telemetry_core::contract::DeviceId;
+use telemetry_core::kafka;
 use telemetry_core::Shutdown;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -109,7 +110,7 @@ impl OutboxWaker {
     pub fn wake_partitions(&self, partitions: impl IntoIterator<Item = i32>) {
         let mut woken = vec![false; self.wakes.len()];
         for partition in partitions {
-            let share = share_of(partition, self.wakes.len());
+            let share = kafka::share_of(partition, self.wakes.len());
             if !std::mem::replace(&mut woken[share], true) {
                 // A permit is stored when the publisher is busy, so the alerts of a batch
                 // committed during a round are picked up by the next round, right after.
@@ -117,11 +118,6 @@ impl OutboxWaker {
             }
         }
     }
-}
-
-/// Which publisher of a replica publishes a partition.
-fn share_of(partition: i32, publishers: usize) -> usize {
-    partition.rem_euclid(publishers.max(1) as i32) as usize
 }
 
 /// Why a round failed; decides whether the MQTT connection is kept.
@@ -633,10 +629,7 @@ mod tests {
     }
 
     #[test]
-    fn every_partition_has_one_publisher_and_a_waker_wakes_only_theirs() {
-        assert_eq!(share_of(5, 2), 1);
-        assert_eq!(share_of(4, 2), 0);
-        assert_eq!(share_of(7, 1), 0);
+    fn a_waker_wakes_only_the_publishers_of_its_partitions() {
         let outbox = Outbox::new(OutboxConfig {
             publishers: 3,
             ..OutboxConfig::default()
