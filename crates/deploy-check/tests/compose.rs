@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use deploy_check::{image_is_pinned, load_stage_config, read, yaml};
 use serde_json::Value;
+use telemetry_api::ApiConfig;
 use telemetry_bridge::BridgeConfig;
 use telemetry_worker::WorkerConfig;
 
@@ -321,6 +322,25 @@ fn the_bridge_environment_is_a_valid_bridge_config() {
         config.mqtt.shared_group.is_some(),
         "bridge replicas must share the subscription"
     );
+}
+
+#[test]
+fn the_api_environment_is_a_valid_api_config() {
+    let compose = compose();
+    let env = environment(&services(&compose)["telemetry-api"]);
+    let config: ApiConfig = load_stage_config(
+        "compose service telemetry-api",
+        None,
+        &env,
+        "TELEMETRY_API_",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.listen.port(), 8080);
+    assert_eq!(config.http.listen.port(), 9104);
+    assert!(config
+        .postgres
+        .url
+        .contains("telemetry_reader@pgbouncer:6432/"));
 }
 
 /// Every `host:port` and URL host in our services' settings is a service of the file.

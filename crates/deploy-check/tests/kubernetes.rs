@@ -198,9 +198,73 @@ fn every_workload_has_health_probes_limits_and_a_disruption_budget() {
     }
 }
 
-/// The environment a container would get: plain values, Secret values (from the manifests'
-/// own Secrets) and pod fields (a stand-in pod name).
-fn container_env(manifests: &[(String, Value)], container: &Value) -> BTreeMap<String, String> {
+/// The variables Kubernetes puts into every pod of a namespace for each of its Services with a
+/// cluster IP, unless the pod sets `enableServiceLinks: false`: `{NAME}_SERVICE_HOST`,
+/// `{NAME}_PORT`, `{NAME}_PORT_{port}_TCP_ADDR` and the like, the name upper-cased with `-` as
+/// `_`. A Service called `telemetry-worker` thus makes `TELEMETRY_WORKER_SERVICE_HOST`.
+fn service_link_env(manifests: &[(String, Value)], namespace: &Value) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    let services = manifests.iter().map(|(_, m)| m).filter(|m| {
+        m["kind"] == "Service"
+            && m["metadata"]["namespace"] == *namespace
+            && m["spec"]["clusterIP"] != "None"
+    });
+    for service in services {
+        let name = service["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .to_ascii_uppercase()
+            .replace('-', "_");
+        let ip = "10.96.0.10";
+        for (i, port) in service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
+            let number = port["port"].as_u64().unwrap();
+            let proto = port["protocol"].as_str().unwrap_or("TCP");
+            let url = format!("{}://{ip}:{number}", proto.to_ascii_lowercase());
+            if i == 0 {
+                env.insert(format!("{name}_SERVICE_HOST"), ip.to_owned());
+                env.insert(format!("{name}_SERVICE_PORT"), number.to_string());
+                env.insert(format!("{name}_PORT"), url.clone());
+            }
+            if let Some(port_name) = port["name"].as_str() {
+                let port_name = port_name.to_ascii_uppercase().replace('-', "_");
+                env.insert(
+                    format!("{name}_SERVICE_PORT_{port_name}"),
+                    number.to_string(),
+                );
+            }
+            let prefix = format!("{name}_PORT_{number}_{proto}");
+            env.insert(format!("{prefix}_PROTO"), proto.to_ascii_lowercase());
+            env.insert(format!("{prefix}_PORT"), number.to_string());
+            env.insert(format!("{prefix}_ADDR"), ip.to_owned());
+            env.insert(prefix, url);
+        }
+    }
+    env
+}
+
+/// The environment a container of `workload` would get: the service links Kubernetes adds
+/// (see [`service_link_env`]), plain values, Secret values (from the manifests' own Secrets)
+/// and pod fields (a stand-in pod name).
+fn container_env(manifests: &[(String, Value)], workload: &Value) -> BTreeMap<String, String> {
+    let pod = &workload["spec"]["template"]["spec"];
+    let mut env = if pod["enableServiceLinks"] == false {
+        BTreeMap::new()
+    } else {
+        service_link_env(manifests, &workload["metadata"]["namespace"])
+    };
+    env.extend(container_env_vars(manifests, &pod["containers"][0]));
+    env
+}
+
+fn container_env_vars(
+    manifests: &[(String, Value)],
+    container: &Value,
+) -> BTreeMap<String, String> {
     container["env"]
         .as_array()
         .into_iter()
@@ -266,7 +330,7 @@ fn the_worker_manifests_give_a_valid_worker_config() {
     let manifests = manifests();
     let deployment = find(&manifests, "Deployment", "telemetry-worker");
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
-    let env = container_env(&manifests, container);
+    let env = container_env(&manifests, deployment);
     let toml = mounted_config(&manifests, deployment, &env, "TELEMETRY_WORKER_CONFIG");
     let config: WorkerConfig = load_stage_config(
         "deploy/k8s/worker.yaml",
@@ -317,7 +381,7 @@ fn the_bridge_manifests_give_a_valid_bridge_config_with_a_stable_client_id() {
     let manifests = manifests();
     let stateful_set = find(&manifests, "StatefulSet", "telemetry-bridge");
     let container = &stateful_set["spec"]["template"]["spec"]["containers"][0];
-    let env = container_env(&manifests, container);
+    let env = container_env(&manifests, stateful_set);
     let toml = mounted_config(&manifests, stateful_set, &env, "TELEMETRY_BRIDGE_CONFIG");
     let config: BridgeConfig = load_stage_config(
         "deploy/k8s/bridge.yaml",

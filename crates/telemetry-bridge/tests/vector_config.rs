@@ -126,6 +126,34 @@ fn vector_subscribes_to_the_device_telemetry_on_emqx_with_a_stable_session() {
         "bytes",
         "the payload stays as sent"
     );
+    let max_packet = mqtt["max_packet_size"]
+        .as_integer()
+        .expect("max_packet_size is set: Vector's default is 10 KiB") as usize;
+    assert!(
+        max_packet > DEFAULT_MAX_PAYLOAD_BYTES,
+        "Vector must take every contract-sized payload, and larger ones to dead-letter them"
+    );
+    assert_eq!(
+        max_packet,
+        emqx_max_packet_bytes(),
+        "Vector's max_packet_size must equal EMQX's mqtt.max_packet_size: a packet EMQX accepts \
+         and Vector does not is redelivered to Vector forever"
+    );
+}
+
+/// `mqtt.max_packet_size` of `deploy/emqx/emqx.conf`, in bytes (EMQX's KB is 1,024 bytes).
+fn emqx_max_packet_bytes() -> usize {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/emqx/emqx.conf");
+    let text = std::fs::read_to_string(path).expect("deploy/emqx/emqx.conf exists");
+    let value = text
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("max_packet_size = "))
+        .expect("deploy/emqx/emqx.conf sets mqtt.max_packet_size");
+    let kilobytes: usize = value
+        .strip_suffix("KB")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("max_packet_size = {value}: expected a size in KB"));
+    kilobytes * 1024
 }
 
 #[test]
