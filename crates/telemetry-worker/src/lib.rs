@@ -17,6 +17,7 @@ pub mod dlq;
 pub mod ingest;
 pub mod metrics;
 pub mod record;
+pub mod redrive;
 pub mod replay;
 pub mod schema;
 pub mod sink;

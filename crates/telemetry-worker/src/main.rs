@@ -90,6 +90,50 @@ enum Command {
     /// offsets are stored again; rows present are skipped. With --rebuild: the rows received
     /// between --from and --to are deleted and ingested again from Kafka.
     Replay(ReplayArgs),
+    /// Copy dead letters back into the topic they came from, once their cause is fixed.
+    ///
+    /// Reads the dead-letter topic from --from-offset (the oldest kept by default) up to where
+    /// it ends now (or --to-offset), and produces the letters of the chosen reasons with their
+    /// key, value and original headers. Prints where each partition was read up to: start the
+    /// next redrive there, so that no letter is copied twice.
+    Redrive(RedriveArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("which").args(["reasons", "all_reasons"]).required(true)))]
+struct RedriveArgs {
+    /// Copy the letters with this dlq_reason (repeat for several), e.g. invalid_reading.
+    #[arg(long = "reason", value_name = "REASON", value_parser = dead_letter_reason)]
+    reasons: Vec<String>,
+    /// Copy the letters of every reason.
+    #[arg(long)]
+    all_reasons: bool,
+    /// Only letters this stage rejected.
+    #[arg(long, value_parser = ["bridge", "worker"])]
+    stage: Option<String>,
+    /// First offset to read in each partition of the dead-letter topic.
+    #[arg(long, value_name = "OFFSET")]
+    from_offset: Option<i64>,
+    /// Offset to stop at in each partition, exclusive.
+    #[arg(long, value_name = "OFFSET")]
+    to_offset: Option<i64>,
+    /// Only this partition of the dead-letter topic (repeat for several); all by default.
+    #[arg(long = "partition", value_name = "P")]
+    partitions: Vec<i32>,
+}
+
+/// A `--reason` must be one of the contract's dead-letter reasons.
+fn dead_letter_reason(value: &str) -> Result<String, String> {
+    use telemetry_core::contract::DeadLetterReason;
+    let codes: Vec<&str> = DeadLetterReason::ALL.iter().map(|r| r.code()).collect();
+    if codes.contains(&value) {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "not a dead-letter reason; one of {}",
+            codes.join(", ")
+        ))
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -178,6 +222,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             println!("start the workers: they read each partition again from from_offset");
+        }
+        Command::Redrive(args) => {
+            let selection = telemetry_worker::redrive::Selection {
+                reasons: args.reasons,
+                stage: args.stage,
+                from_offset: args.from_offset,
+                to_offset: args.to_offset,
+                partitions: args.partitions,
+            };
+            let done = telemetry_worker::redrive::redrive(&config, &selection).await?;
+            println!("partition  letters_read  redriven  next_offset");
+            for p in &done {
+                let next = p.next_offset.map_or("-".to_owned(), |o| o.to_string());
+                println!(
+                    "{:>9}  {:>12}  {:>8}  {:>11}",
+                    p.partition, p.read, p.redriven, next
+                );
+            }
+            println!(
+                "the next redrive of {} starts at next_offset (--partition P --from-offset N)",
+                config.kafka.dlq_topic
+            );
         }
         Command::PrintConfig => {
             // Secrets and the database URL's password serialize as "***": what is printed may

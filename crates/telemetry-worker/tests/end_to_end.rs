@@ -269,3 +269,102 @@ async fn a_backlog_is_stored_in_batches_not_record_by_record() {
         "3000 records took {batches} transactions (at most 1000 records each, 10 or more on average expected)"
     );
 }
+
+/// A limit set too low dead-letters good readings; after the fix, `redrive` copies the letters
+/// of that reason (and only those) back with their original headers, and the worker stores
+/// them once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_redriven_after_a_fix_are_stored_once_and_other_reasons_stay() {
+    use telemetry_worker::redrive::{redrive, Selection};
+    let fixture = Fixture::new(1);
+    let big = |seq: usize| Record {
+        key: fixture.key(0),
+        // A valid reading, only longer than the first worker's limit.
+        payload: format!(r#"{{"seq":{seq},"v":1.{}1}}"#, "0".repeat(200)),
+        received_at_ms: Some(1_764_000_000_000 + seq as i64),
+    };
+    let small = |seq: usize| Record {
+        key: fixture.key(0),
+        payload: format!(r#"{{"seq":{seq},"v":2}}"#),
+        received_at_ms: Some(1_764_000_000_000 + seq as i64),
+    };
+    let not_json = Record {
+        key: fixture.key(0),
+        payload: "not json".into(),
+        received_at_ms: Some(1_764_000_000_000),
+    };
+    let records = [small(0), big(1), not_json, small(2), big(3)];
+    fixture.produce(&records).await;
+
+    let group = unique_name("group");
+    let mut too_strict = fixture.worker_config(&group);
+    too_strict.max_payload_bytes = 100;
+    let worker = fixture.start_worker_with(too_strict);
+    let letters = fixture.read_dead_letters(3);
+    assert_eq!(fixture.wait_for_rows(2, A_MINUTE).await, 2);
+    worker.stop().await;
+    let reasons: Vec<&str> = letters
+        .iter()
+        .map(|l| l[header::DLQ_REASON].as_str())
+        .collect();
+    assert_eq!(
+        reasons,
+        ["payload_too_large", "invalid_json", "payload_too_large"]
+    );
+
+    // The fix: the default limit. Then the letters of that reason go back.
+    let fixed = fixture.worker_config(&group);
+    let selection = Selection {
+        reasons: vec!["payload_too_large".into()],
+        ..Selection::default()
+    };
+    let done = redrive(&fixed, &selection).await.expect("redrive");
+    assert_eq!(done.len(), 1, "the dead-letter topic has one partition");
+    assert_eq!((done[0].read, done[0].redriven), (3, 2));
+    assert_eq!(done[0].next_offset, Some(3));
+
+    let copies: Vec<_> = test_servers::read_topic(
+        &fixture.kafka.brokers,
+        &fixture.kafka.topic,
+        A_MINUTE,
+        |records| records.len() >= 7,
+    )
+    .into_iter()
+    .skip(5)
+    .collect();
+    assert_eq!(copies.len(), 2, "{copies:?}");
+    for (copy, original) in copies.iter().zip([big(1), big(3)]) {
+        assert_eq!(copy.key, original.key);
+        assert_eq!(copy.payload, original.payload);
+        let expected = BTreeMap::from([(
+            header::RECEIVED_AT_MS.to_owned(),
+            original.received_at_ms.unwrap().to_string(),
+        )]);
+        assert_eq!(
+            copy.headers, expected,
+            "the original headers, without dlq_*"
+        );
+    }
+
+    let worker = fixture.start_worker_with(fixed);
+    assert_eq!(fixture.wait_for_rows(4, A_MINUTE).await, 4);
+    worker.stop().await;
+    fixture
+        .assert_stored_exactly_once(&[small(0), big(1), small(2), big(3)])
+        .await;
+    assert_eq!(
+        fixture.count_dead_letters(),
+        3,
+        "the redriven records were stored, not dead-lettered again"
+    );
+
+    // Starting at next_offset finds nothing more to copy.
+    let again = Selection {
+        from_offset: done[0].next_offset,
+        ..selection
+    };
+    let done = redrive(&fixture.worker_config(&group), &again)
+        .await
+        .expect("second redrive");
+    assert_eq!((done[0].read, done[0].redriven), (0, 0));
+}
