@@ -13,9 +13,16 @@ $have_pg || missing+=(postgresql)
 command -v mosquitto_pub >/dev/null || missing+=(mosquitto-clients)
 command -v curl >/dev/null || missing+=(curl)
 
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+# The Dockerfile's test simulates the image's apt-get lines against the package lists, so they
+# must be there even when nothing is missing.
+if ! compgen -G "/var/lib/apt/lists/*_Packages*" >/dev/null; then
+    echo "install-deps: fetching Debian's package lists"
+    $sudo apt-get update -qq
+fi
+
 if [ ${#missing[@]} -gt 0 ]; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
     echo "install-deps: installing Debian packages: ${missing[*]}"
     $sudo apt-get update -qq
     # policy-rc.d-less machines would start the packaged services on their default ports;

@@ -1,10 +1,14 @@
 //! The top-level `Dockerfile` builds every binary of the workspace into a small image that runs
 //! as an unprivileged user, with build commands that work on this checkout.
 //!
-//! Building the image needs Docker; what runs here instead is the build stage's cargo command
-//! with `build --release` replaced by `tree --depth 0`: the same `--locked` flag and package
-//! list, so it fails exactly when the Docker build's dependency resolution would (a stale
-//! Cargo.lock, a package that is not in the workspace), without compiling everything twice.
+//! Building the image needs Docker; what runs here instead:
+//! - the build stage's cargo command with `build --release` replaced by `tree --depth 0`: the
+//!   same `--locked` flag and package list, so it fails exactly when the Docker build's
+//!   dependency resolution would (a stale Cargo.lock, a package that is not in the workspace),
+//!   without compiling everything twice;
+//! - each stage's `apt-get install`, simulated (`apt-get install -s`) against this machine's
+//!   Debian package lists: the images are Debian 12 (bookworm), as the machines these tests
+//!   run on, so a misspelt or missing package fails here as it would in the image build.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -214,4 +218,55 @@ fn the_build_context_keeps_what_the_build_needs() {
         ignored.iter().any(|p| p == "target"),
         "target/ must stay out of the build context"
     );
+}
+
+/// The packages of every `apt-get install` in the Dockerfile, by stage.
+fn apt_installs() -> Vec<(String, Vec<String>)> {
+    stages()
+        .into_iter()
+        .flat_map(|stage| {
+            let name = stage.name.clone().unwrap_or_else(|| stage.image.clone());
+            stage
+                .instructions
+                .into_iter()
+                .filter(|(keyword, _)| keyword == "RUN")
+                .flat_map(|(_, args)| {
+                    args.split("&&")
+                        .filter_map(|part| part.split_once("apt-get install").map(|(_, rest)| rest))
+                        .map(|rest| {
+                            rest.split_whitespace()
+                                .filter(|w| !w.starts_with('-') && *w != "\\")
+                                .map(str::to_owned)
+                                .collect::<Vec<_>>()
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .map(move |packages| (name.clone(), packages))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn every_package_the_image_installs_exists_in_debian() {
+    let installs = apt_installs();
+    assert_eq!(
+        installs.len(),
+        2,
+        "one apt-get install per stage: {installs:?}"
+    );
+    for (stage, packages) in installs {
+        assert!(!packages.is_empty(), "stage {stage} installs nothing");
+        let output = Command::new("apt-get")
+            .args(["install", "-s", "--no-install-recommends"])
+            .args(&packages)
+            .output()
+            .expect("apt-get runs (these tests run on Debian 12; scripts/install-deps.sh)");
+        assert!(
+            output.status.success(),
+            "stage {stage}: apt-get install -s {} failed (run `apt-get update` first if the package lists are empty):\n{}",
+            packages.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 }
