@@ -34,8 +34,8 @@ WORKER_BATCH_LINGER_MS=${WORKER_BATCH_LINGER_MS:-}
 WORKER_CONFIG=${WORKER_CONFIG:-}
 # How long the bridge's producer waits to fill a batch (librdkafka linger.ms; the bridge's own
 # default is 5 ms, right for Kafka and Redpanda). Tansu's CPU cost is per produce batch: at
-# 8,905 msg/s on two cores, 5 ms kept it at 75% of a core and doubled the pipeline's latency
-# tails for everything else on the machine; 20 ms halves its share (docs/performance.md).
+# 8,905 msg/s on two cores, 5 ms kept it at 75% of a core and left the machine no headroom;
+# 20 ms cut its share by about a third and roughly halved the alert p99 (docs/performance.md).
 BRIDGE_LINGER_MS=${BRIDGE_LINGER_MS:-20}
 # A TOML file of bridge settings used instead of the one written from BRIDGE_LINGER_MS.
 BRIDGE_CONFIG=${BRIDGE_CONFIG:-}
@@ -90,10 +90,9 @@ start_postgres() {
 # The bridge's config file: BRIDGE_CONFIG, or one that sets the producer's linger for Tansu.
 bridge_config_path() { echo "${BRIDGE_CONFIG:-$STACK_DIR/bridge.toml}"; }
 
-bridge_config() {
+write_bridge_config() {
     [ -n "$BRIDGE_CONFIG" ] ||
         printf '[kafka.properties]\n"linger.ms" = "%s"\n' "$BRIDGE_LINGER_MS" > "$STACK_DIR/bridge.toml"
-    bridge_config_path
 }
 
 start_pgbouncer() {
@@ -265,9 +264,10 @@ up() {
         --alert-rules "$here/deploy/alerts/rules.toml" --alerts-mqtt-host 127.0.0.1 \
         --alerts-mqtt-port "$MQTT_PORT" --alerts-mqtt-client-id telemetry-worker-alerts-local \
         ${batch_wait[@]+"${batch_wait[@]}"}
+    alive "$STACK_DIR/telemetry-bridge.pid" || write_bridge_config
     TELEMETRY_BRIDGE_MQTT__USERNAME=telemetry-bridge \
     TELEMETRY_BRIDGE_MQTT__PASSWORD=telemetry-bridge \
-        start_stage telemetry-bridge --config "$(bridge_config)" --brokers "$brokers" \
+        start_stage telemetry-bridge --config "$(bridge_config_path)" --brokers "$brokers" \
         --http-listen "$BRIDGE_HTTP" --mqtt-host 127.0.0.1 --mqtt-port "$MQTT_PORT" \
         --client-id telemetry-bridge-local
     wait_for "the worker's /readyz" curl -fsS "http://$WORKER_HTTP/readyz"

@@ -93,9 +93,10 @@ enum Command {
     /// Copy dead letters back into the topic they came from, once their cause is fixed.
     ///
     /// Reads the dead-letter topic from --from-offset (the oldest kept by default) up to where
-    /// it ends now (or --to-offset), and produces the letters of the chosen reasons with their
-    /// key, value and original headers. Prints where each partition was read up to: start the
-    /// next redrive there, so that no letter is copied twice.
+    /// it ends now (or --to-offset), and produces the letters of the chosen reasons to the
+    /// telemetry topic with their value, original headers and contract key. Prints, per
+    /// partition, the offset before which every selected letter was copied and confirmed:
+    /// start the next redrive there, so that no letter is copied twice.
     Redrive(RedriveArgs),
 }
 
@@ -231,13 +232,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 to_offset: args.to_offset,
                 partitions: args.partitions,
             };
-            let done = telemetry_worker::redrive::redrive(&config, &selection).await?;
-            println!("partition  letters_read  redriven  next_offset");
+            let shutdown = Shutdown::on_signals();
+            let done = telemetry_worker::redrive::redrive(&config, &selection, &shutdown).await?;
+            println!("partition  letters_read  redriven  skipped  next_offset");
             for p in &done {
                 let next = p.next_offset.map_or("-".to_owned(), |o| o.to_string());
                 println!(
-                    "{:>9}  {:>12}  {:>8}  {:>11}",
-                    p.partition, p.read, p.redriven, next
+                    "{:>9}  {:>12}  {:>8}  {:>7}  {:>11}",
+                    p.partition, p.read, p.redriven, p.skipped, next
                 );
             }
             println!(

@@ -1,35 +1,48 @@
 //! `telemetry-worker redrive`: copy dead letters back into the telemetry topic after a fix.
 //!
-//! A dead letter keeps the original key, value and headers, plus the `dlq_*` headers that say
-//! why and where it was rejected. Once the cause is fixed (a device firmware, a limit, a
-//! contract change), a redrive reads the dead-letter topic from a given offset up to where it
-//! ends when the command starts (or up to a given offset), picks the letters of the chosen
-//! reasons (and stage), and produces each to the topic it came from (`dlq_source_topic`, or the
-//! telemetry topic for letters the bridge rejected before Kafka) with its key, value and
-//! original headers, the `dlq_*` ones removed. The workers then store them as new records;
-//! what is still bad is dead-lettered again, so nothing loops.
+//! A dead letter keeps the original value and headers, plus the `dlq_*` headers that say why
+//! and where it was rejected. Once the cause is fixed (a device firmware, a limit, a contract
+//! change), a redrive reads the dead-letter topic from a given offset up to where each
+//! partition ended when the redrive started (or up to a given offset), picks the letters of the
+//! chosen reasons (and stage), and produces each to the telemetry topic with its
+//! original headers, the `dlq_*` ones removed, and the key the bridge would have given it:
 //!
-//! A redrive copies whatever it selects each time it runs: the summary it prints says up to
-//! which offset each partition was read, which is where the next redrive should start.
+//! - a letter the worker rejected keeps its key (the record's own);
+//! - a letter the bridge rejected is keyed by its MQTT topic, so it gets the contract key
+//!   `{user}/{device}` from that topic, or is skipped when the topic names no device.
+//!
+//! Letters from another source topic (`dlq_source_topic`) are skipped: the worker reads only its
+//! own. The workers store the copies as new records; what is still bad is dead-lettered again,
+//! beyond where this redrive stops, so nothing loops.
+//!
+//! A redrive copies whatever it selects each time it runs. It prints, per partition, the offset
+//! up to which every selected letter's copy was confirmed, which is where the next redrive
+//! starts; when it fails or is stopped, that offset still holds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
-use telemetry_core::contract::header;
+use telemetry_core::contract::{header, parse_telemetry_topic};
+use telemetry_core::Shutdown;
 
 use crate::config::WorkerConfig;
 
 /// How long a read of the dead-letter topic may wait for the broker before the redrive stops.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the broker may take to confirm a copy; the worker's own producers wait forever,
+/// but a command run by hand should say that the broker is away.
+const DELIVERY_TIMEOUT_MS: &str = "60000";
 /// Records produced before waiting for the broker to confirm them.
 const CONFIRM_EVERY: usize = 1_000;
 /// Headers that dead-lettering adds; a redriven record goes back without them.
 const DLQ_HEADER_PREFIX: &str = "dlq_";
+/// `dlq_stage` of the letters the bridge wrote.
+const BRIDGE_STAGE: &str = "bridge";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedriveError {
@@ -47,13 +60,22 @@ pub enum RedriveError {
         partition: i32,
         count: usize,
     },
-    #[error("Kafka sent nothing from '{topic}' for {}s; is the broker up? Nothing read after offset {read_to:?} was redriven", KAFKA_TIMEOUT.as_secs())]
-    Stalled {
-        topic: String,
-        read_to: BTreeMap<i32, i64>,
+    #[error(
+        "--from-offset and --to-offset must be 0 or more, and --to-offset after --from-offset"
+    )]
+    BadRange,
+    #[error("nothing was copied: {0}")]
+    NothingCopied(String),
+    #[error("{what}; every selected letter before these offsets was copied and confirmed, so start the next redrive there: {confirmed_to:?}")]
+    Interrupted {
+        what: String,
+        /// Per partition: the offset before which every selected letter's copy is confirmed.
+        confirmed_to: BTreeMap<i32, i64>,
     },
-    #[error("the telemetry topic did not take a redriven record: {0}; run the redrive again from the offsets printed for the last good run")]
-    NotDelivered(#[source] KafkaError),
+}
+
+fn kafka(step: &'static str) -> impl FnOnce(KafkaError) -> RedriveError {
+    move |source| RedriveError::Kafka { step, source }
 }
 
 /// librdkafka reports the end of each partition as an error too, and the default context logs
@@ -62,17 +84,17 @@ struct RedriveContext;
 
 impl ClientContext for RedriveContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        let end_of_partition = matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !end_of_partition {
             tracing::error!(%error, reason, "Kafka client error");
         }
     }
 }
 
 impl ConsumerContext for RedriveContext {}
-
-fn kafka(step: &'static str) -> impl FnOnce(KafkaError) -> RedriveError {
-    move |source| RedriveError::Kafka { step, source }
-}
 
 /// Which dead letters to copy back.
 #[derive(Debug, Clone, Default)]
@@ -83,7 +105,7 @@ pub struct Selection {
     pub stage: Option<String>,
     /// First offset read in each partition; the oldest kept when absent.
     pub from_offset: Option<i64>,
-    /// Offset each partition is read up to, exclusive; its end when the redrive starts when
+    /// Offset each partition is read up to, exclusive; its end when the redrive starts, when
     /// absent.
     pub to_offset: Option<i64>,
     /// Partitions of the dead-letter topic; all when empty.
@@ -91,14 +113,21 @@ pub struct Selection {
 }
 
 impl Selection {
-    fn wants(&self, message: &BorrowedMessage<'_>) -> bool {
-        let value = |name: &str| header_text(message, name);
+    fn check(&self) -> Result<(), RedriveError> {
+        let from = self.from_offset.unwrap_or(0);
+        let to = self.to_offset.unwrap_or(i64::MAX);
+        if from < 0 || to <= from {
+            return Err(RedriveError::BadRange);
+        }
+        Ok(())
+    }
+
+    fn wants(&self, letter: &BorrowedMessage<'_>) -> bool {
         let reason_ok = self.reasons.is_empty()
-            || value(header::DLQ_REASON).is_some_and(|r| self.reasons.contains(&r));
-        let stage_ok = self
-            .stage
-            .as_ref()
-            .is_none_or(|stage| value(header::DLQ_STAGE).as_deref() == Some(stage.as_str()));
+            || header_text(letter, header::DLQ_REASON).is_some_and(|r| self.reasons.contains(&r));
+        let stage_ok = self.stage.as_ref().is_none_or(|stage| {
+            header_text(letter, header::DLQ_STAGE).as_deref() == Some(stage.as_str())
+        });
         reason_ok && stage_ok
     }
 }
@@ -107,99 +136,263 @@ impl Selection {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PartitionRedrive {
     pub partition: i32,
-    /// Dead letters read, and how many of them were copied back.
+    /// Dead letters read, how many were copied back, and how many of the selected ones could
+    /// not be (a bridge letter whose topic names no device, or another source topic).
     pub read: u64,
     pub redriven: u64,
-    /// The offset after the last letter read: where the next redrive starts.
+    pub skipped: u64,
+    /// Where the next redrive starts: every selected letter before it was copied and
+    /// confirmed. None when nothing was read.
     pub next_offset: Option<i64>,
 }
 
-/// Copies the selected dead letters of `config.kafka.dlq_topic` back to their topics and waits
-/// until the broker has confirmed every copy.
+/// A copy on its way, and the letter it came from.
+struct Pending {
+    partition: i32,
+    offset: i64,
+    delivery: DeliveryFuture,
+}
+
+/// Copies the selected dead letters of `config.kafka.dlq_topic` back to the telemetry topic and
+/// waits until the broker has confirmed every copy. On shutdown it stops reading, waits for the
+/// copies already sent, and returns what it did.
 pub async fn redrive(
     config: &WorkerConfig,
     selection: &Selection,
+    shutdown: &Shutdown,
 ) -> Result<Vec<PartitionRedrive>, RedriveError> {
+    selection.check()?;
     let dlq_topic = config.kafka.dlq_topic.as_str();
-    let consumer: StreamConsumer<RedriveContext> = config
-        .kafka
-        .client_config(&[
-            // Assigned partitions only: the group is never joined and nothing is committed.
-            ("group.id", "telemetry-worker-redrive"),
-            ("enable.auto.commit", "false"),
-            ("enable.partition.eof", "true"),
-            ("auto.offset.reset", "earliest"),
-            ("isolation.level", "read_uncommitted"),
-        ])
-        .create_with_context(RedriveContext)
-        .map_err(kafka("creating a consumer"))?;
-    let producer: FutureProducer = config
-        .kafka
-        .durable_producer_config()
+    let consumer = create_consumer(config)?;
+    let mut producer_config = config.kafka.durable_producer_config();
+    producer_config.set("message.timeout.ms", DELIVERY_TIMEOUT_MS);
+    let producer: FutureProducer = producer_config
         .create()
         .map_err(kafka("creating a producer"))?;
     let partitions = partitions(&consumer, dlq_topic, &selection.partitions)?;
-    let mut assignment = TopicPartitionList::new();
-    for &partition in &partitions {
-        let start = selection
-            .from_offset
-            .map_or(Offset::Beginning, Offset::Offset);
-        assignment
-            .add_partition_offset(dlq_topic, partition, start)
-            .map_err(kafka("choosing where to start"))?;
-    }
-    consumer
-        .assign(&assignment)
-        .map_err(kafka("assigning the dead-letter partitions"))?;
-
-    let mut summary: BTreeMap<i32, PartitionRedrive> = partitions
+    let mut progress: BTreeMap<i32, PartitionRedrive> = partitions
         .iter()
         .map(|&partition| {
             let start = PartitionRedrive {
                 partition,
+                next_offset: selection.from_offset,
                 ..PartitionRedrive::default()
             };
             (partition, start)
         })
         .collect();
-    let mut open: BTreeSet<i32> = partitions.into_iter().collect();
-    let mut unconfirmed = Vec::new();
+    // Where to stop: found by a first read, so that letters dead-lettered again while the
+    // copies are stored land beyond it (a still-bad letter must not go round and round), and
+    // so on any broker (Tansu's memory storage answers ListOffsets "latest" wrongly).
+    let ends = read_ends(&consumer, dlq_topic, selection, &partitions, shutdown)
+        .await
+        .map_err(RedriveError::NothingCopied)?;
+    drop(consumer);
+    let consumer = create_consumer(config)?;
+    assign(&consumer, dlq_topic, selection, ends.keys().copied())?;
+    let mut open: BTreeSet<i32> = ends.keys().copied().collect();
+    let mut pending = Vec::new();
+    let mut interrupted_by = None;
     while !open.is_empty() {
-        let message = match tokio::time::timeout(KAFKA_TIMEOUT, consumer.recv()).await {
-            Err(_) => {
-                return Err(RedriveError::Stalled {
-                    topic: dlq_topic.to_owned(),
-                    read_to: read_to(&summary),
-                })
-            }
-            Ok(Err(KafkaError::PartitionEOF(partition))) => {
-                open.remove(&partition);
+        let letter = match next_letter(&consumer, dlq_topic, shutdown).await {
+            Next::Letter(letter) => letter,
+            Next::End(partition) => {
+                close(&consumer, dlq_topic, &mut open, partition);
                 continue;
             }
-            Ok(Err(error)) => return Err(kafka("reading the dead-letter topic")(error)),
-            Ok(Ok(message)) => message,
+            Next::Interrupted(what) => {
+                interrupted_by = Some(what);
+                break;
+            }
         };
-        let partition = message.partition();
+        let partition = letter.partition();
         if !open.contains(&partition) {
             continue;
         }
-        if selection.to_offset.is_some_and(|to| message.offset() >= to) {
-            open.remove(&partition);
+        if letter.offset() >= ends[&partition] {
+            close(&consumer, dlq_topic, &mut open, partition);
             continue;
         }
-        let progress = summary.get_mut(&partition).expect("an assigned partition");
-        progress.read += 1;
-        progress.next_offset = Some(message.offset() + 1);
-        if selection.wants(&message) {
-            unconfirmed.push(copy_back(&producer, &message, &config.kafka.topic)?);
-            progress.redriven += 1;
+        let state = progress.get_mut(&partition).expect("an assigned partition");
+        state.read += 1;
+        if selection.wants(&letter) {
+            match copy_back(&producer, &letter, &config.kafka.topic) {
+                Ok(Some(delivery)) => {
+                    state.redriven += 1;
+                    pending.push(Pending {
+                        partition,
+                        offset: letter.offset(),
+                        delivery,
+                    });
+                }
+                Ok(None) => state.skipped += 1,
+                Err(error) => {
+                    interrupted_by = Some(format!("cannot send a copy: {error}"));
+                    break;
+                }
+            }
         }
-        if unconfirmed.len() >= CONFIRM_EVERY {
-            confirm(std::mem::take(&mut unconfirmed)).await?;
+        // Not confirmed yet; `confirm` moves it back to the first copy that fails.
+        state.next_offset = Some(letter.offset() + 1);
+        if letter.offset() + 1 >= ends[&partition] {
+            close(&consumer, dlq_topic, &mut open, partition);
+        }
+        if pending.len() >= CONFIRM_EVERY {
+            if let Err(failure) = confirm(std::mem::take(&mut pending), &mut progress).await {
+                interrupted_by = Some(failure);
+                break;
+            }
         }
     }
-    confirm(unconfirmed).await?;
-    Ok(summary.into_values().collect())
+    // Whatever went out is confirmed (or found failed) before anything is reported.
+    if let Err(failure) = confirm(pending, &mut progress).await {
+        interrupted_by.get_or_insert(failure);
+    }
+    match interrupted_by {
+        Some(what) => Err(interrupted(what, &progress)),
+        None => Ok(progress.into_values().collect()),
+    }
+}
+
+fn interrupted(what: String, progress: &BTreeMap<i32, PartitionRedrive>) -> RedriveError {
+    RedriveError::Interrupted {
+        what,
+        confirmed_to: progress
+            .values()
+            .filter_map(|p| p.next_offset.map(|next| (p.partition, next)))
+            .collect(),
+    }
+}
+
+/// What the next read from the dead-letter topic brought.
+enum Next<'a> {
+    Letter(BorrowedMessage<'a>),
+    /// The partition has no more letters now.
+    End(i32),
+    /// Shutdown, a silent broker or a read error: why.
+    Interrupted(String),
+}
+
+async fn next_letter<'a>(
+    consumer: &'a StreamConsumer<RedriveContext>,
+    topic: &str,
+    shutdown: &Shutdown,
+) -> Next<'a> {
+    let received = tokio::select! {
+        biased;
+        _ = shutdown.wait() => return Next::Interrupted("stopped".to_owned()),
+        received = tokio::time::timeout(KAFKA_TIMEOUT, consumer.recv()) => received,
+    };
+    match received {
+        Err(_) => Next::Interrupted(format!(
+            "Kafka sent nothing from '{topic}' for {} s; is the broker up, and --from-offset \
+             within the partition?",
+            KAFKA_TIMEOUT.as_secs()
+        )),
+        Ok(Err(KafkaError::PartitionEOF(partition))) => Next::End(partition),
+        Ok(Err(error)) => Next::Interrupted(format!("cannot read '{topic}': {error}")),
+        Ok(Ok(letter)) => Next::Letter(letter),
+    }
+}
+
+/// Assigns `partitions` of the dead-letter topic from the selection's first offset.
+fn assign(
+    consumer: &StreamConsumer<RedriveContext>,
+    topic: &str,
+    selection: &Selection,
+    partitions: impl IntoIterator<Item = i32>,
+) -> Result<(), RedriveError> {
+    let start = selection
+        .from_offset
+        .map_or(Offset::Beginning, Offset::Offset);
+    let mut assignment = TopicPartitionList::new();
+    for partition in partitions {
+        assignment
+            .add_partition_offset(topic, partition, start)
+            .map_err(kafka("choosing where to start"))?;
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(kafka("assigning the dead-letter partitions"))
+}
+
+/// Reads each partition from the selection's first offset to its end (or `to_offset`), and
+/// returns where each one ends: the offset after its last letter. Partitions with nothing to
+/// read are left out.
+async fn read_ends(
+    consumer: &StreamConsumer<RedriveContext>,
+    topic: &str,
+    selection: &Selection,
+    partitions: &[i32],
+    shutdown: &Shutdown,
+) -> Result<BTreeMap<i32, i64>, String> {
+    assign(consumer, topic, selection, partitions.iter().copied()).map_err(|e| e.to_string())?;
+    let mut open: BTreeSet<i32> = partitions.iter().copied().collect();
+    let mut ends = BTreeMap::new();
+    while !open.is_empty() {
+        match next_letter(consumer, topic, shutdown).await {
+            Next::Letter(letter) => {
+                let partition = letter.partition();
+                if !open.contains(&partition) {
+                    continue;
+                }
+                let end = letter.offset() + 1;
+                match selection.to_offset {
+                    Some(to) if letter.offset() >= to => {
+                        close(consumer, topic, &mut open, partition);
+                    }
+                    Some(to) if end >= to => {
+                        ends.insert(partition, end);
+                        close(consumer, topic, &mut open, partition);
+                    }
+                    _ => {
+                        ends.insert(partition, end);
+                    }
+                }
+            }
+            Next::End(partition) => close(consumer, topic, &mut open, partition),
+            Next::Interrupted(what) => return Err(what),
+        }
+    }
+    Ok(ends)
+}
+
+/// A consumer of assigned partitions: the group is never joined and nothing is committed. The
+/// settings the read depends on are set after the operator's `kafka.properties`, which would
+/// otherwise win.
+fn create_consumer(config: &WorkerConfig) -> Result<StreamConsumer<RedriveContext>, RedriveError> {
+    let mut client = config.kafka.client_config(&[]);
+    for (key, value) in [
+        ("group.id", "telemetry-worker-redrive"),
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+        // How the read knows it is done.
+        ("enable.partition.eof", "true"),
+        // A --from-offset beyond the end is an error, not a silent restart from the oldest.
+        ("auto.offset.reset", "error"),
+        ("isolation.level", "read_uncommitted"),
+    ] {
+        client.set(key, value);
+    }
+    client
+        .create_with_context(RedriveContext)
+        .map_err(kafka("creating a consumer"))
+}
+
+/// Stops reading a partition: it is done, and its later letters must not keep the read alive.
+fn close(
+    consumer: &StreamConsumer<RedriveContext>,
+    topic: &str,
+    open: &mut BTreeSet<i32>,
+    partition: i32,
+) {
+    if open.remove(&partition) {
+        let mut done = TopicPartitionList::new();
+        done.add_partition(topic, partition);
+        if let Err(error) = consumer.pause(&done) {
+            tracing::warn!(partition, %error, "cannot pause a finished partition");
+        }
+    }
 }
 
 /// The chosen partitions of `topic`, checked against it; all of them when none is chosen.
@@ -237,48 +430,91 @@ fn partitions(
     Ok(chosen)
 }
 
-/// Produces a dead letter's key, value and original headers to the topic it came from.
+/// The key a letter goes back with: the bridge keyed its letters by MQTT topic, which becomes
+/// the contract key; the worker's letters keep the record's key. None when the bridge letter's
+/// topic names no device.
+fn original_key(letter: &BorrowedMessage<'_>) -> Option<Vec<u8>> {
+    let key = letter.key().unwrap_or_default();
+    if header_text(letter, header::DLQ_STAGE).as_deref() != Some(BRIDGE_STAGE) {
+        return Some(key.to_vec());
+    }
+    let topic = header_text(letter, header::MQTT_TOPIC);
+    let topic = topic.as_deref().map_or(key, str::as_bytes);
+    parse_telemetry_topic(topic)
+        .ok()
+        .map(|device| device.kafka_key().into_bytes())
+}
+
+/// Produces a dead letter's key, value and original headers to the telemetry topic; None when
+/// it cannot go there.
 fn copy_back(
     producer: &FutureProducer,
     letter: &BorrowedMessage<'_>,
     telemetry_topic: &str,
-) -> Result<DeliveryFuture, RedriveError> {
+) -> Result<Option<DeliveryFuture>, KafkaError> {
     let source = header_text(letter, header::DLQ_SOURCE_TOPIC);
-    let topic = source.as_deref().unwrap_or(telemetry_topic);
+    if source.is_some_and(|source| source != telemetry_topic) {
+        return Ok(None);
+    }
+    let Some(key) = original_key(letter) else {
+        return Ok(None);
+    };
     let mut headers = OwnedHeaders::new();
-    if let Some(original) = letter.headers() {
-        for h in original.iter() {
-            if !h.key.starts_with(DLQ_HEADER_PREFIX) {
-                headers = headers.insert(Header {
-                    key: h.key,
-                    value: h.value,
-                });
-            }
+    for h in letter
+        .headers()
+        .into_iter()
+        .flat_map(|headers| headers.iter())
+    {
+        if !h.key.starts_with(DLQ_HEADER_PREFIX) {
+            headers = headers.insert(Header {
+                key: h.key,
+                value: h.value,
+            });
         }
     }
-    let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
-    if let Some(key) = letter.key() {
-        record = record.key(key);
-    }
+    let mut record = FutureRecord::<[u8], [u8]>::to(telemetry_topic)
+        .key(&key)
+        .headers(headers);
     if let Some(payload) = letter.payload() {
         record = record.payload(payload);
     }
     producer
         .send_result(record)
-        .map_err(|(error, _)| RedriveError::NotDelivered(error))
+        .map(Some)
+        .map_err(|(error, _)| error)
 }
 
-async fn confirm(unconfirmed: Vec<DeliveryFuture>) -> Result<(), RedriveError> {
-    for delivery in futures::future::join_all(unconfirmed).await {
-        match delivery {
-            Ok(Ok(_)) => {}
-            Ok(Err((error, _))) => return Err(RedriveError::NotDelivered(error)),
-            Err(_cancelled) => {
-                return Err(RedriveError::NotDelivered(KafkaError::Canceled));
-            }
+/// Waits for the copies, in the order they were sent. A partition whose copy failed goes back
+/// to that letter's offset, so the next redrive sends it (and those after it) again. Returns
+/// the first failure.
+async fn confirm(
+    pending: Vec<Pending>,
+    progress: &mut BTreeMap<i32, PartitionRedrive>,
+) -> Result<(), String> {
+    let (letters, deliveries): (Vec<_>, Vec<_>) = pending
+        .into_iter()
+        .map(|p| ((p.partition, p.offset), p.delivery))
+        .unzip();
+    let mut failure = None;
+    let mut failed = BTreeSet::new();
+    for ((partition, offset), delivery) in letters
+        .into_iter()
+        .zip(futures::future::join_all(deliveries).await)
+    {
+        let error = match delivery {
+            Ok(Ok(_)) => continue,
+            Ok(Err((error, _))) => error.to_string(),
+            Err(_) => "the producer dropped the copy".to_owned(),
+        };
+        if failed.insert(partition) {
+            let state = progress.get_mut(&partition).expect("an assigned partition");
+            state.next_offset = Some(offset);
+            failure.get_or_insert(format!(
+                "the telemetry topic did not take the copy of partition {partition} offset {offset}: {error}"
+            ));
         }
     }
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
 
 fn header_text(message: &BorrowedMessage<'_>, name: &str) -> Option<String> {
@@ -288,11 +524,4 @@ fn header_text(message: &BorrowedMessage<'_>, name: &str) -> Option<String> {
         .find(|h| h.key == name)
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
-}
-
-fn read_to(summary: &BTreeMap<i32, PartitionRedrive>) -> BTreeMap<i32, i64> {
-    summary
-        .values()
-        .filter_map(|p| p.next_offset.map(|next| (p.partition, next)))
-        .collect()
 }

@@ -270,47 +270,48 @@ async fn a_backlog_is_stored_in_batches_not_record_by_record() {
     );
 }
 
-/// A limit set too low dead-letters good readings; after the fix, `redrive` copies the letters
-/// of that reason (and only those) back with their original headers, and the worker stores
-/// them once.
+/// A limit set too low dead-letters good readings, in the worker and in the bridge; after the
+/// fix, `redrive` copies the letters of that reason (and only those) back with their original
+/// headers and the contract key, and the worker stores them once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_redriven_after_a_fix_are_stored_once_and_other_reasons_stay() {
-    use telemetry_worker::redrive::{redrive, Selection};
+    use telemetry_core::Shutdown;
+    use telemetry_worker::redrive::{redrive, RedriveError, Selection};
     let fixture = Fixture::new(1);
+    let received_at = |seq: usize| 1_764_000_000_000 + seq as i64;
     let big = |seq: usize| Record {
         key: fixture.key(0),
         // A valid reading, only longer than the first worker's limit.
         payload: format!(r#"{{"seq":{seq},"v":1.{}1}}"#, "0".repeat(200)),
-        received_at_ms: Some(1_764_000_000_000 + seq as i64),
+        received_at_ms: Some(received_at(seq)),
     };
     let small = |seq: usize| Record {
         key: fixture.key(0),
         payload: format!(r#"{{"seq":{seq},"v":2}}"#),
-        received_at_ms: Some(1_764_000_000_000 + seq as i64),
+        received_at_ms: Some(received_at(seq)),
     };
     let not_json = Record {
         key: fixture.key(0),
         payload: "not json".into(),
-        received_at_ms: Some(1_764_000_000_000),
+        received_at_ms: Some(received_at(0)),
     };
-    let records = [small(0), big(1), not_json, small(2), big(3)];
-    fixture.produce(&records).await;
+    fixture
+        .produce(&[small(0), big(1), not_json, small(2), big(3)])
+        .await;
 
     let group = unique_name("group");
     let mut too_strict = fixture.worker_config(&group);
     too_strict.max_payload_bytes = 100;
     let worker = fixture.start_worker_with(too_strict);
-    let letters = fixture.read_dead_letters(3);
+    fixture.read_dead_letters(3);
     assert_eq!(fixture.wait_for_rows(2, A_MINUTE).await, 2);
     worker.stop().await;
-    let reasons: Vec<&str> = letters
-        .iter()
-        .map(|l| l[header::DLQ_REASON].as_str())
-        .collect();
-    assert_eq!(
-        reasons,
-        ["payload_too_large", "invalid_json", "payload_too_large"]
-    );
+    // Two letters as the bridge writes them, keyed by MQTT topic: one whose topic names a
+    // device, one whose topic does not.
+    let device_topic = format!("users/{}/devices/d0/telemetry", fixture.run);
+    let from_bridge = r#"{"seq":4,"v":3}"#;
+    produce_bridge_letter(&fixture, &device_topic, from_bridge, received_at(4)).await;
+    produce_bridge_letter(&fixture, "not/a/device/topic", "{}", received_at(5)).await;
 
     // The fix: the default limit. Then the letters of that reason go back.
     let fixed = fixture.worker_config(&group);
@@ -318,53 +319,113 @@ async fn dead_letters_redriven_after_a_fix_are_stored_once_and_other_reasons_sta
         reasons: vec!["payload_too_large".into()],
         ..Selection::default()
     };
-    let done = redrive(&fixed, &selection).await.expect("redrive");
+    let running = Shutdown::new();
+    let done = redrive(&fixed, &selection, &running)
+        .await
+        .expect("redrive");
     assert_eq!(done.len(), 1, "the dead-letter topic has one partition");
-    assert_eq!((done[0].read, done[0].redriven), (3, 2));
-    assert_eq!(done[0].next_offset, Some(3));
+    assert_eq!(
+        (done[0].read, done[0].redriven, done[0].skipped),
+        (5, 3, 1),
+        "5 letters: 2 + 1 payload_too_large copied, 1 of them without a device skipped, 1 invalid_json left"
+    );
+    assert_eq!(done[0].next_offset, Some(5));
 
     let copies: Vec<_> = test_servers::read_topic(
         &fixture.kafka.brokers,
         &fixture.kafka.topic,
         A_MINUTE,
-        |records| records.len() >= 7,
+        |records| records.len() >= 8,
     )
     .into_iter()
     .skip(5)
     .collect();
-    assert_eq!(copies.len(), 2, "{copies:?}");
-    for (copy, original) in copies.iter().zip([big(1), big(3)]) {
-        assert_eq!(copy.key, original.key);
-        assert_eq!(copy.payload, original.payload);
-        let expected = BTreeMap::from([(
-            header::RECEIVED_AT_MS.to_owned(),
-            original.received_at_ms.unwrap().to_string(),
-        )]);
+    let expected = [
+        (big(1).key, big(1).payload, received_at(1), None),
+        (big(3).key, big(3).payload, received_at(3), None),
+        (
+            fixture.key(0),
+            from_bridge.to_owned(),
+            received_at(4),
+            Some(&device_topic),
+        ),
+    ];
+    assert_eq!(copies.len(), expected.len(), "{copies:?}");
+    for (copy, (key, payload, received, mqtt_topic)) in copies.iter().zip(expected) {
         assert_eq!(
-            copy.headers, expected,
-            "the original headers, without dlq_*"
+            copy.key, key,
+            "the contract key, also for the bridge's letter"
         );
+        assert_eq!(copy.payload, payload);
+        let mut headers =
+            BTreeMap::from([(header::RECEIVED_AT_MS.to_owned(), received.to_string())]);
+        if let Some(topic) = mqtt_topic {
+            headers.insert(header::MQTT_TOPIC.to_owned(), topic.clone());
+        }
+        assert_eq!(copy.headers, headers, "the original headers, without dlq_*");
     }
 
     let worker = fixture.start_worker_with(fixed);
-    assert_eq!(fixture.wait_for_rows(4, A_MINUTE).await, 4);
+    assert_eq!(fixture.wait_for_rows(5, A_MINUTE).await, 5);
     worker.stop().await;
-    fixture
-        .assert_stored_exactly_once(&[small(0), big(1), small(2), big(3)])
-        .await;
-    assert_eq!(
-        fixture.count_dead_letters(),
-        3,
-        "the redriven records were stored, not dead-lettered again"
-    );
+    let stored = [small(0), big(1), small(2), big(3)]
+        .into_iter()
+        .chain([Record {
+            key: fixture.key(0),
+            payload: from_bridge.to_owned(),
+            received_at_ms: Some(received_at(4)),
+        }])
+        .collect::<Vec<_>>();
+    fixture.assert_stored_exactly_once(&stored).await;
 
-    // Starting at next_offset finds nothing more to copy.
-    let again = Selection {
-        from_offset: done[0].next_offset,
-        ..selection
+    // Starting at next_offset finds nothing more to copy, and an empty range is refused before
+    // Kafka is asked. (An offset beyond the end cannot be tested here: Kafka answers it with
+    // OFFSET_OUT_OF_RANGE, which `auto.offset.reset=error` turns into an error, but Tansu
+    // answers with nothing, and the redrive stops after 30 s of silence.)
+    let from = |offset: i64| Selection {
+        from_offset: Some(offset),
+        ..selection.clone()
     };
-    let done = redrive(&fixture.worker_config(&group), &again)
+    let config = fixture.worker_config(&group);
+    let again = redrive(&config, &from(5), &running)
         .await
         .expect("second redrive");
-    assert_eq!((done[0].read, done[0].redriven), (0, 0));
+    assert_eq!((again[0].read, again[0].redriven), (0, 0));
+    let empty = Selection {
+        to_offset: Some(3),
+        ..from(3)
+    };
+    assert!(matches!(
+        redrive(&config, &empty, &running).await,
+        Err(RedriveError::BadRange)
+    ));
+}
+
+/// A `payload_too_large` dead letter as the bridge writes it: keyed by its MQTT topic.
+async fn produce_bridge_letter(fixture: &Fixture, topic: &str, payload: &str, received_at_ms: i64) {
+    use rdkafka::message::Header;
+    let received = received_at_ms.to_string();
+    let headers = [
+        (header::MQTT_TOPIC, topic),
+        (header::RECEIVED_AT_MS, received.as_str()),
+        (header::DLQ_REASON, "payload_too_large"),
+        (header::DLQ_STAGE, "bridge"),
+    ]
+    .into_iter()
+    .fold(OwnedHeaders::new(), |headers, (key, value)| {
+        headers.insert(Header {
+            key,
+            value: Some(value),
+        })
+    });
+    let letter = FutureRecord::to(&fixture.kafka.dlq_topic)
+        .key(topic)
+        .payload(payload)
+        .headers(headers);
+    fixture
+        .producer()
+        .send(letter, Timeout::After(A_MINUTE))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("bridge letter produced");
 }
