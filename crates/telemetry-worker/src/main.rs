@@ -96,7 +96,7 @@ enum Command {
     /// it ends now (or --to-offset), and produces the letters of the chosen reasons to the
     /// telemetry topic with their value, original headers and contract key. Prints, per
     /// partition, the offset before which every selected letter was copied and confirmed:
-    /// start the next redrive there, so that no letter is copied twice.
+    /// start the next redrive there, or it copies those letters again.
     Redrive(RedriveArgs),
 }
 

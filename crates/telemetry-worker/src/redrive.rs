@@ -17,7 +17,8 @@
 //!
 //! A redrive copies whatever it selects each time it runs. It prints, per partition, the offset
 //! up to which every selected letter's copy was confirmed, which is where the next redrive
-//! starts; when it fails or is stopped, that offset still holds.
+//! starts; when it fails or is stopped, it waits for the copies already sent and reports that
+//! offset and the letters whose copy was not confirmed, to be redriven alone.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -66,11 +67,11 @@ pub enum RedriveError {
     BadRange,
     #[error("nothing was copied: {0}")]
     NothingCopied(String),
-    #[error("{what}; every selected letter before these offsets was copied and confirmed, so start the next redrive there: {confirmed_to:?}")]
+    #[error("{what}. Read so far, per partition (\"-\": nothing yet): {}; every selected letter before those offsets was copied and confirmed{}. Go on with --partition P --from-offset N from there", read_to(.progress), failed_letters(.progress))]
     Interrupted {
         what: String,
-        /// Per partition: the offset before which every selected letter's copy is confirmed.
-        confirmed_to: BTreeMap<i32, i64>,
+        /// Each partition as far as it was read, with the copies that failed.
+        progress: Vec<PartitionRedrive>,
     },
 }
 
@@ -142,8 +143,11 @@ pub struct PartitionRedrive {
     pub redriven: u64,
     pub skipped: u64,
     /// Where the next redrive starts: every selected letter before it was copied and
-    /// confirmed. None when nothing was read.
+    /// confirmed, except those in `failed`. None when nothing was read.
     pub next_offset: Option<i64>,
+    /// Offsets of letters whose copy the broker did not confirm (a timeout, an error). A copy
+    /// that timed out may have been stored all the same.
+    pub failed: Vec<i64>,
 }
 
 /// A copy on its way, and the letter it came from.
@@ -232,7 +236,7 @@ pub async fn redrive(
                 }
             }
         }
-        // Not confirmed yet; `confirm` moves it back to the first copy that fails.
+        // Not confirmed yet: `confirm` notes the copies that fail.
         state.next_offset = Some(letter.offset() + 1);
         if letter.offset() + 1 >= ends[&partition] {
             close(&consumer, dlq_topic, &mut open, partition);
@@ -257,11 +261,31 @@ pub async fn redrive(
 fn interrupted(what: String, progress: &BTreeMap<i32, PartitionRedrive>) -> RedriveError {
     RedriveError::Interrupted {
         what,
-        confirmed_to: progress
-            .values()
-            .filter_map(|p| p.next_offset.map(|next| (p.partition, next)))
-            .collect(),
+        progress: progress.values().cloned().collect(),
     }
+}
+
+fn read_to(progress: &[PartitionRedrive]) -> String {
+    let each = progress.iter().map(|p| {
+        let next = p.next_offset.map_or("-".to_owned(), |n| n.to_string());
+        format!("{}: {next}", p.partition)
+    });
+    each.collect::<Vec<_>>().join(", ")
+}
+
+fn failed_letters(progress: &[PartitionRedrive]) -> String {
+    let failed: Vec<String> = progress
+        .iter()
+        .flat_map(|p| p.failed.iter().map(move |o| format!("{}@{o}", p.partition)))
+        .collect();
+    if failed.is_empty() {
+        return String::new();
+    }
+    format!(
+        ", except the letters at partition@offset {}: redrive each alone (--partition P \
+         --from-offset N --to-offset N+1), after checking that the worker did not store it",
+        failed.join(", ")
+    )
 }
 
 /// What the next read from the dead-letter topic brought.
@@ -431,18 +455,19 @@ fn partitions(
 }
 
 /// The key a letter goes back with: the bridge keyed its letters by MQTT topic, which becomes
-/// the contract key; the worker's letters keep the record's key. None when the bridge letter's
-/// topic names no device.
-fn original_key(letter: &BorrowedMessage<'_>) -> Option<Vec<u8>> {
-    let key = letter.key().unwrap_or_default();
+/// the contract key; the worker's letters keep the record's key, or its lack of one. None when
+/// the bridge letter's topic names no device.
+fn original_key(letter: &BorrowedMessage<'_>) -> Option<Option<Vec<u8>>> {
     if header_text(letter, header::DLQ_STAGE).as_deref() != Some(BRIDGE_STAGE) {
-        return Some(key.to_vec());
+        return Some(letter.key().map(<[u8]>::to_vec));
     }
     let topic = header_text(letter, header::MQTT_TOPIC);
-    let topic = topic.as_deref().map_or(key, str::as_bytes);
+    let topic = topic
+        .as_deref()
+        .map_or(letter.key().unwrap_or_default(), str::as_bytes);
     parse_telemetry_topic(topic)
         .ok()
-        .map(|device| device.kafka_key().into_bytes())
+        .map(|device| Some(device.kafka_key().into_bytes()))
 }
 
 /// Produces a dead letter's key, value and original headers to the telemetry topic; None when
@@ -472,9 +497,10 @@ fn copy_back(
             });
         }
     }
-    let mut record = FutureRecord::<[u8], [u8]>::to(telemetry_topic)
-        .key(&key)
-        .headers(headers);
+    let mut record = FutureRecord::<[u8], [u8]>::to(telemetry_topic).headers(headers);
+    if let Some(key) = &key {
+        record = record.key(key);
+    }
     if let Some(payload) = letter.payload() {
         record = record.payload(payload);
     }
@@ -484,9 +510,9 @@ fn copy_back(
         .map_err(|(error, _)| error)
 }
 
-/// Waits for the copies, in the order they were sent. A partition whose copy failed goes back
-/// to that letter's offset, so the next redrive sends it (and those after it) again. Returns
-/// the first failure.
+/// Waits for the copies. A copy that failed is noted with its partition: the letters after it
+/// were sent too, and were most likely confirmed, so going back to it would copy them twice.
+/// Returns the first failure.
 async fn confirm(
     pending: Vec<Pending>,
     progress: &mut BTreeMap<i32, PartitionRedrive>,
@@ -496,7 +522,6 @@ async fn confirm(
         .map(|p| ((p.partition, p.offset), p.delivery))
         .unzip();
     let mut failure = None;
-    let mut failed = BTreeSet::new();
     for ((partition, offset), delivery) in letters
         .into_iter()
         .zip(futures::future::join_all(deliveries).await)
@@ -506,13 +531,11 @@ async fn confirm(
             Ok(Err((error, _))) => error.to_string(),
             Err(_) => "the producer dropped the copy".to_owned(),
         };
-        if failed.insert(partition) {
-            let state = progress.get_mut(&partition).expect("an assigned partition");
-            state.next_offset = Some(offset);
-            failure.get_or_insert(format!(
-                "the telemetry topic did not take the copy of partition {partition} offset {offset}: {error}"
-            ));
-        }
+        let state = progress.get_mut(&partition).expect("an assigned partition");
+        state.failed.push(offset);
+        failure.get_or_insert(format!(
+            "the telemetry topic did not confirm the copy of partition {partition} offset {offset}: {error}"
+        ));
     }
     failure.map_or(Ok(()), Err)
 }
@@ -524,4 +547,58 @@ fn header_text(message: &BorrowedMessage<'_>, name: &str) -> Option<String> {
         .find(|h| h.key == name)
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partition(partition: i32, next_offset: Option<i64>, failed: Vec<i64>) -> PartitionRedrive {
+        PartitionRedrive {
+            partition,
+            next_offset,
+            failed,
+            ..PartitionRedrive::default()
+        }
+    }
+
+    #[test]
+    fn an_interrupted_redrive_says_how_far_it_read_and_which_copies_failed() {
+        let stopped = RedriveError::Interrupted {
+            what: "stopped".into(),
+            progress: vec![
+                partition(0, Some(40), vec![12, 17]),
+                partition(1, None, vec![]),
+            ],
+        }
+        .to_string();
+        assert!(stopped.starts_with("stopped. "), "{stopped}");
+        assert!(stopped.contains("0: 40, 1: -"), "{stopped}");
+        assert!(stopped.contains("0@12, 0@17"), "{stopped}");
+        assert!(stopped.contains("--to-offset N+1"), "{stopped}");
+
+        let clean = RedriveError::Interrupted {
+            what: "stopped".into(),
+            progress: vec![partition(0, Some(40), vec![])],
+        }
+        .to_string();
+        assert!(!clean.contains("except"), "{clean}");
+    }
+
+    #[test]
+    fn offsets_must_be_a_non_empty_range_of_kafka_offsets() {
+        let range = |from, to| Selection {
+            from_offset: from,
+            to_offset: to,
+            ..Selection::default()
+        };
+        assert!(range(None, None).check().is_ok());
+        assert!(range(Some(3), Some(4)).check().is_ok());
+        for (from, to) in [(Some(-1), None), (Some(3), Some(3)), (None, Some(0))] {
+            assert!(
+                matches!(range(from, to).check(), Err(RedriveError::BadRange)),
+                "{from:?}..{to:?}"
+            );
+        }
+    }
 }
