@@ -375,15 +375,13 @@ impl Lanes {
         self.queues.len()
     }
 
-    fn writers(&self) -> Vec<Writer> {
-        self.outstanding
-            .iter()
-            .zip(&self.last_write)
-            .map(|(&outstanding, &last_write)| match outstanding {
-                0 => Writer::Idle { last_write },
-                _ => Writer::Busy,
-            })
-            .collect()
+    fn writer(&self, writer: usize) -> Writer {
+        match self.outstanding[writer] {
+            0 => Writer::Idle {
+                last_write: self.last_write[writer],
+            },
+            _ => Writer::Busy,
+        }
     }
 
     fn finished(&mut self, (writer, took): WriteReport) {
@@ -452,17 +450,17 @@ impl OpenBatches {
         self.opened[writer].map(|opened| opened + wait)
     }
 
-    /// When the first open batch is due, if any is open.
-    fn next_deadline(&self, writers: &[Writer]) -> Option<Instant> {
+    /// When the first open batch is due, if any is open; `writer` gives each writer's state.
+    fn next_deadline(&self, writer: impl Fn(usize) -> Writer) -> Option<Instant> {
         (0..self.batches.len())
-            .filter_map(|w| self.deadline(w, writers[w]))
+            .filter_map(|w| self.deadline(w, writer(w)))
             .min()
     }
 
     /// The writers whose open batches are due.
-    fn due(&self, now: Instant, writers: &[Writer]) -> Vec<usize> {
+    fn due(&self, now: Instant, writer: impl Fn(usize) -> Writer) -> Vec<usize> {
         (0..self.batches.len())
-            .filter(|&w| self.deadline(w, writers[w]).is_some_and(|due| now >= due))
+            .filter(|&w| self.deadline(w, writer(w)).is_some_and(|due| now >= due))
             .collect()
     }
 
@@ -498,7 +496,7 @@ async fn read_batches(
     let mut open = OpenBatches::new(lanes.len(), limits);
     loop {
         lanes.collect_finished();
-        let deadline = open.next_deadline(&lanes.writers());
+        let deadline = open.next_deadline(|w| lanes.writer(w));
         // A message that is ready comes before a deadline that has passed (see
         // `next_message`), so a due batch still takes what librdkafka already holds.
         let event = tokio::select! {
@@ -522,7 +520,7 @@ async fn read_batches(
         };
         let ready = full
             .into_iter()
-            .chain(open.due(Instant::now(), &lanes.writers()))
+            .chain(open.due(Instant::now(), |w| lanes.writer(w)))
             .collect::<Vec<_>>();
         for writer in ready {
             if !lanes.hand_over(writer, open.take(writer)).await {
@@ -601,10 +599,10 @@ mod tests {
         assert_eq!(open.deadline(0, idle), Some(start + MS * 5));
         assert_eq!(open.deadline(0, busy), Some(start + MS * 100));
         let writers = [idle, busy];
-        assert_eq!(open.next_deadline(&writers), Some(start + MS * 5));
-        assert!(open.due(start, &writers).is_empty());
-        assert_eq!(open.due(start + MS * 5, &writers), vec![0]);
-        assert_eq!(open.due(start + MS * 100, &writers), vec![0, 1]);
+        assert_eq!(open.next_deadline(|w| writers[w]), Some(start + MS * 5));
+        assert!(open.due(start, |w| writers[w]).is_empty());
+        assert_eq!(open.due(start + MS * 5, |w| writers[w]), vec![0]);
+        assert_eq!(open.due(start + MS * 100, |w| writers[w]), vec![0, 1]);
     }
 
     #[test]
@@ -620,12 +618,12 @@ mod tests {
     fn a_writer_without_an_open_batch_has_no_deadline() {
         let mut open = OpenBatches::new(2, limits());
         let writers = [idle_after(0), idle_after(0)];
-        assert_eq!(open.next_deadline(&writers), None);
+        assert_eq!(open.next_deadline(|w| writers[w]), None);
         open.opened[1] = Some(Instant::now());
         assert_eq!(open.deadline(0, writers[0]), None);
-        assert!(open.next_deadline(&writers).is_some());
+        assert!(open.next_deadline(|w| writers[w]).is_some());
         open.take(1);
-        assert_eq!(open.next_deadline(&writers), None);
+        assert_eq!(open.next_deadline(|w| writers[w]), None);
     }
 
     #[tokio::test]
@@ -633,7 +631,7 @@ mod tests {
         let (queue, mut batches) = mpsc::channel(1);
         let (done, finished) = mpsc::unbounded_channel();
         let mut lanes = Lanes::new(vec![queue], finished);
-        assert_eq!(lanes.writers(), vec![idle_after(0)]);
+        assert_eq!(lanes.writer(0), idle_after(0));
         let mut batch = Batch::default();
         batch.rows.push(crate::record::Row {
             device_time: None,
@@ -649,12 +647,12 @@ mod tests {
         });
         // An empty batch is not handed over at all.
         assert!(lanes.hand_over(0, Batch::default()).await);
-        assert_eq!(lanes.writers(), vec![idle_after(0)]);
+        assert_eq!(lanes.writer(0), idle_after(0));
         assert!(lanes.hand_over(0, batch).await);
-        assert_eq!(lanes.writers(), vec![Writer::Busy]);
+        assert_eq!(lanes.writer(0), Writer::Busy);
         batches.recv().await.unwrap();
         done.send((0, MS * 12)).unwrap();
         lanes.collect_finished();
-        assert_eq!(lanes.writers(), vec![idle_after(12)]);
+        assert_eq!(lanes.writer(0), idle_after(12));
     }
 }

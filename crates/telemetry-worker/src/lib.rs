@@ -16,6 +16,7 @@ pub mod copy;
 pub mod dlq;
 pub mod ingest;
 pub mod metrics;
+pub mod partitions;
 pub mod record;
 pub mod redrive;
 pub mod replay;

@@ -32,6 +32,7 @@ use telemetry_core::contract::{header, parse_telemetry_topic};
 use telemetry_core::Shutdown;
 
 use crate::config::WorkerConfig;
+use crate::partitions::{chosen_partitions, PartitionsError};
 
 /// How long a read of the dead-letter topic may wait for the broker before the redrive stops.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
@@ -53,14 +54,8 @@ pub enum RedriveError {
         #[source]
         source: KafkaError,
     },
-    #[error("the dead-letter topic '{0}' does not exist or has no partitions")]
-    NoTopic(String),
-    #[error("the dead-letter topic '{topic}' has no partition {partition} (it has {count})")]
-    NoSuchPartition {
-        topic: String,
-        partition: i32,
-        count: usize,
-    },
+    #[error("the dead-letter topic: {0}")]
+    Partitions(#[from] PartitionsError),
     #[error(
         "--from-offset and --to-offset must be 0 or more, and --to-offset after --from-offset"
     )]
@@ -173,7 +168,7 @@ pub async fn redrive(
     let producer: FutureProducer = producer_config
         .create()
         .map_err(kafka("creating a producer"))?;
-    let partitions = partitions(&consumer, dlq_topic, &selection.partitions)?;
+    let partitions = chosen_partitions(&consumer, dlq_topic, &selection.partitions, KAFKA_TIMEOUT)?;
     let mut progress: BTreeMap<i32, PartitionRedrive> = partitions
         .iter()
         .map(|&partition| {
@@ -417,41 +412,6 @@ fn close(
             tracing::warn!(partition, %error, "cannot pause a finished partition");
         }
     }
-}
-
-/// The chosen partitions of `topic`, checked against it; all of them when none is chosen.
-fn partitions(
-    consumer: &StreamConsumer<RedriveContext>,
-    topic: &str,
-    chosen: &[i32],
-) -> Result<Vec<i32>, RedriveError> {
-    let metadata = consumer
-        .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
-        .map_err(kafka("reading the dead-letter topic's partitions"))?;
-    let mut existing: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    existing.sort_unstable();
-    if existing.is_empty() {
-        return Err(RedriveError::NoTopic(topic.to_owned()));
-    }
-    if chosen.is_empty() {
-        return Ok(existing);
-    }
-    if let Some(&missing) = chosen.iter().find(|p| !existing.contains(p)) {
-        return Err(RedriveError::NoSuchPartition {
-            topic: topic.to_owned(),
-            partition: missing,
-            count: existing.len(),
-        });
-    }
-    let mut chosen = chosen.to_vec();
-    chosen.sort_unstable();
-    chosen.dedup();
-    Ok(chosen)
 }
 
 /// The key a letter goes back with: the bridge keyed its letters by MQTT topic, which becomes

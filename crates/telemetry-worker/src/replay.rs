@@ -24,6 +24,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_postgres::types::Type;
 
 use crate::config::WorkerConfig;
+use crate::partitions::{chosen_partitions, PartitionsError};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -37,14 +38,8 @@ pub enum ReplayError {
     },
     #[error("consumer group '{group}' has {members} active member(s); stop every worker of the group (e.g. scale it to 0) and run the command again")]
     GroupActive { group: String, members: usize },
-    #[error("topic '{topic}' has no partition {partition} (it has {count})")]
-    NoSuchPartition {
-        topic: String,
-        partition: i32,
-        count: usize,
-    },
-    #[error("topic '{0}' does not exist or has no partitions")]
-    NoTopic(String),
+    #[error(transparent)]
+    Partitions(#[from] PartitionsError),
     #[error("cannot connect to the database: {0}")]
     Connect(#[source] tokio_postgres::Error),
     #[error("database error while {step}: {source}")]
@@ -316,37 +311,12 @@ impl GroupAdmin {
 
     /// The chosen partitions, checked against the topic; all of them when none is chosen.
     fn partitions(&self, chosen: &[i32]) -> Result<Vec<i32>, ReplayError> {
-        let metadata = self
-            .consumer
-            .fetch_metadata(Some(&self.topic), KAFKA_TIMEOUT)
-            .map_err(kafka("reading the topic's partitions"))?;
-        let existing: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .filter(|t| t.name() == self.topic)
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
-        if existing.is_empty() {
-            return Err(ReplayError::NoTopic(self.topic.clone()));
-        }
-        if chosen.is_empty() {
-            let mut all = existing;
-            all.sort_unstable();
-            return Ok(all);
-        }
-        for &partition in chosen {
-            if !existing.contains(&partition) {
-                return Err(ReplayError::NoSuchPartition {
-                    topic: self.topic.clone(),
-                    partition,
-                    count: existing.len(),
-                });
-            }
-        }
-        let mut chosen = chosen.to_vec();
-        chosen.sort_unstable();
-        chosen.dedup();
-        Ok(chosen)
+        Ok(chosen_partitions(
+            &self.consumer,
+            &self.topic,
+            chosen,
+            KAFKA_TIMEOUT,
+        )?)
     }
 
     fn oldest_kept(&self, partition: i32) -> Result<i64, ReplayError> {
