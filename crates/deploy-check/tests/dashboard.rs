@@ -5,7 +5,9 @@
 //! readings, a reading the worker must dead-letter, one the bridge must dead-letter, a reading
 //! above the alert threshold and one below its clear level, a second bridge that cannot reach
 //! its broker (reconnects), and a PgBouncer outage (worker retries). Then every metric name in
-//! the dashboard's PromQL must be among the samples the two /metrics endpoints serve.
+//! the dashboard's PromQL must be among the samples the two /metrics endpoints serve, except
+//! those of Vector and Redpanda, which cannot run here: their names must be documented ones,
+//! and the components and topics they select must exist in this repository's configuration.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -28,6 +30,36 @@ const DASHBOARD: &str = "deploy/grafana/dashboards/telemetry-pipeline.json";
 /// Series that Prometheus itself adds to every scrape, not exported by any service.
 const PROMETHEUS_BUILT_INS: &[&str] = &["up"];
 
+/// Metrics of the services that cannot run here, by their exporter's prefix: the names their
+/// documentation gives (Vector's `internal_metrics` component counters, Redpanda's
+/// `/public_metrics`), and the label whose values must name a part of this repository.
+const THIRD_PARTY: &[ThirdParty] = &[
+    ThirdParty {
+        prefix: "vector_",
+        metrics: &[
+            "vector_component_received_events_total",
+            "vector_component_sent_events_total",
+            "vector_component_errors_total",
+        ],
+        label: "component_id",
+    },
+    ThirdParty {
+        prefix: "redpanda_",
+        metrics: &["redpanda_kafka_records_produced_total"],
+        label: "redpanda_topic",
+    },
+];
+
+struct ThirdParty {
+    prefix: &'static str,
+    metrics: &'static [&'static str],
+    label: &'static str,
+}
+
+fn third_party(name: &str) -> Option<&'static ThirdParty> {
+    THIRD_PARTY.iter().find(|t| name.starts_with(t.prefix))
+}
+
 fn dashboard_expressions() -> Vec<(String, String)> {
     let dashboard = json(DASHBOARD).unwrap();
     let mut expressions = Vec::new();
@@ -47,7 +79,131 @@ fn dashboard_metric_names() -> BTreeSet<String> {
         .iter()
         .flat_map(|(_, expr)| promql_metric_names(expr))
         .filter(|name| !PROMETHEUS_BUILT_INS.contains(&name.as_str()))
+        .filter(|name| third_party(name).is_none())
         .collect()
+}
+
+/// The values an expression matches `label` against with `label="value"`.
+fn label_values(expr: &str, label: &str) -> Vec<String> {
+    let pattern = format!("{label}=\"");
+    expr.match_indices(&pattern)
+        .filter(|(at, _)| {
+            // A whole label name, not the end of a longer one.
+            !expr[..*at]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+        .map(|(at, _)| {
+            let value = &expr[at + pattern.len()..];
+            value[..value.find('"').expect("a closed label value")].to_owned()
+        })
+        .collect()
+}
+
+/// The component ids of the Vector configuration files the compose stack loads.
+fn vector_components() -> BTreeSet<String> {
+    let mut ids = BTreeSet::new();
+    for file in ["vector/vector.toml", "deploy/vector/observability.toml"] {
+        let config: toml::Table = deploy_check::read(file).unwrap().parse().unwrap();
+        for kind in ["sources", "transforms", "sinks"] {
+            if let Some(components) = config.get(kind).and_then(|c| c.as_table()) {
+                ids.extend(components.keys().cloned());
+            }
+        }
+    }
+    ids
+}
+
+#[test]
+fn label_values_are_read_from_matchers_only() {
+    let expr =
+        r#"sum(rate(m{component_id="emqx", x_component_id="no"}[5m])) + n{component_id="sink"}"#;
+    assert_eq!(label_values(expr, "component_id"), ["emqx", "sink"]);
+    assert!(label_values("sum by (component_id) (m)", "component_id").is_empty());
+}
+
+/// Vector (the compose stack's default bridge) and Redpanda cannot run here, so the panels
+/// about them are checked against what can be: their metric names against the documented
+/// ones, and every component or topic they select against this repository's configuration, so
+/// renaming a Vector component or a topic breaks this test, not the dashboard in production.
+#[test]
+fn panels_about_vector_and_redpanda_select_components_and_topics_that_exist() {
+    let components = vector_components();
+    let topics = [
+        telemetry_core::contract::DEFAULT_TOPIC,
+        telemetry_core::contract::DEFAULT_DLQ_TOPIC,
+    ];
+    let mut plotted = BTreeSet::new();
+    for (title, expr) in dashboard_expressions() {
+        for name in promql_metric_names(&expr) {
+            let Some(exporter) = third_party(&name) else {
+                continue;
+            };
+            assert!(
+                exporter.metrics.contains(&name.as_str()),
+                "panel '{title}': {name} is not among the documented metrics {:?}",
+                exporter.metrics
+            );
+            plotted.insert(name);
+            for value in label_values(&expr, exporter.label) {
+                let known = match exporter.prefix {
+                    "vector_" => components.contains(&value),
+                    _ => topics.contains(&value.as_str()),
+                };
+                assert!(
+                    known,
+                    "panel '{title}' selects {}=\"{value}\", which names no Vector component \
+                     ({components:?}) or topic ({topics:?})",
+                    exporter.label
+                );
+            }
+        }
+    }
+    for metric in [
+        "vector_component_received_events_total",
+        "vector_component_sent_events_total",
+        "vector_component_errors_total",
+        "redpanda_kafka_records_produced_total",
+    ] {
+        assert!(
+            plotted.contains(metric),
+            "the dashboard does not plot {metric}"
+        );
+    }
+    // Prometheus scrapes both where they serve these metrics.
+    let prometheus = deploy_check::yaml("deploy/prometheus/prometheus.yml").unwrap();
+    let job = |name: &str| {
+        prometheus["scrape_configs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|job| job["job_name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("no scrape job '{name}'"))
+            .clone()
+    };
+    let exporter: toml::Table = deploy_check::read("deploy/vector/observability.toml")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let address = exporter["sinks"]
+        .as_table()
+        .unwrap()
+        .values()
+        .find(|sink| sink["type"].as_str() == Some("prometheus_exporter"))
+        .expect("a prometheus_exporter sink")["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let vector_port = address.rsplit(':').next().unwrap();
+    assert_eq!(
+        job("vector")["static_configs"][0]["targets"][0].as_str(),
+        Some(format!("vector:{vector_port}").as_str())
+    );
+    assert_eq!(
+        job("redpanda")["metrics_path"].as_str(),
+        Some("/public_metrics")
+    );
 }
 
 #[test]
