@@ -9,6 +9,8 @@ use std::time::Duration;
 use clap::Parser;
 use telemetry_core::contract::{DeviceId, DEFAULT_MAX_PAYLOAD_BYTES};
 
+use crate::payload::{AlertPhase, AlertPlan};
+
 /// Default cap on MQTT connections when `--connections` is not given: one per user is what a
 /// real fleet looks like, but past a few dozen sockets the tester's own event loops, not the
 /// broker, become the bottleneck on a small machine.
@@ -83,6 +85,12 @@ pub struct Args {
     /// threshold used in the examples); the rest stay between 15 and 30.
     #[arg(long, default_value_t = 0.0, value_name = "FRACTION")]
     pub alert_fraction: f64,
+
+    /// Where each device is in its cycle of alert readings: `spread` shifts each device's
+    /// cycle by its place in the fleet, so alert readings arrive at a steady rate; `aligned`
+    /// gives every device the same cycle, so the whole fleet crosses the threshold at once.
+    #[arg(long, value_enum, default_value = "spread")]
+    pub alert_phase: AlertPhase,
 
     /// MQTT broker host.
     #[arg(long, default_value = "localhost")]
@@ -233,6 +241,7 @@ pub struct Config {
     pub ramp_up: Duration,
     /// Within 0..=1.
     pub alert_fraction: f64,
+    pub alert_phase: AlertPhase,
     pub mqtt_host: String,
     pub mqtt_port: u16,
     pub credentials: Credentials,
@@ -530,6 +539,7 @@ impl Config {
             payload_bytes: args.payload_bytes,
             ramp_up: args.ramp_up,
             alert_fraction: args.alert_fraction,
+            alert_phase: args.alert_phase,
             mqtt_host: args.mqtt_host,
             mqtt_port: args.mqtt_port,
             credentials,
@@ -558,6 +568,15 @@ impl Config {
     /// The fleet's target rate in messages per second, once every device has started.
     pub fn target_rate(&self) -> f64 {
         self.devices() as f64 * self.rate
+    }
+
+    /// Which messages of which device carry alert-level temperatures.
+    pub fn alert_plan(&self) -> AlertPlan {
+        AlertPlan {
+            fraction: self.alert_fraction,
+            phase: self.alert_phase,
+            devices: self.devices(),
+        }
     }
 
     /// The id of user `index` (0-based).

@@ -20,6 +20,57 @@ pub fn is_alert(k: u64, fraction: f64) -> bool {
     ((k + 1) as f64 * fraction).floor() > (k as f64 * fraction).floor()
 }
 
+/// When in its cycle of alert readings each device is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertPhase {
+    /// Each device at its own point of the cycle, evenly over the fleet: alert readings arrive
+    /// at a steady rate, as when independent devices cross a threshold.
+    Spread,
+    /// Every device at the same point: the whole fleet crosses the threshold within one
+    /// message period, a burst of one alert per device (a fleet-wide event).
+    Aligned,
+}
+
+/// Which messages of which device carry alert-level temperatures: `fraction` of each device's
+/// messages, exactly as [`is_alert`] spreads them, with each device's cycle shifted by its
+/// place in the fleet unless the phase is aligned.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AlertPlan {
+    pub fraction: f64,
+    pub phase: AlertPhase,
+    /// Devices in the fleet, over which a spread phase is shared out.
+    pub devices: u64,
+}
+
+impl AlertPlan {
+    /// The same messages of every device: the plan of tests that count alerts per device.
+    pub fn aligned(fraction: f64) -> AlertPlan {
+        AlertPlan {
+            fraction,
+            phase: AlertPhase::Aligned,
+            devices: 1,
+        }
+    }
+
+    /// Whether message `k` of fleet device `device` carries an alert-level temperature.
+    pub fn is_alert(&self, device: u64, k: u64) -> bool {
+        is_alert(k + self.shift(device), self.fraction)
+    }
+
+    /// How many messages into its cycle device `device` starts: `device / devices` of the
+    /// `1 / fraction` messages between two alert readings.
+    fn shift(&self, device: u64) -> u64 {
+        match self.phase {
+            AlertPhase::Aligned => 0,
+            _ if self.fraction <= 0.0 || self.devices == 0 => 0,
+            AlertPhase::Spread => {
+                (device as f64 / self.devices as f64 / self.fraction).floor() as u64
+            }
+        }
+    }
+}
+
 /// Writes the JSON payload of one message into `out` (cleared first).
 pub fn write(
     out: &mut String,
@@ -90,6 +141,44 @@ mod tests {
                 let temperature = value["temperature"].as_f64().unwrap();
                 assert_eq!(temperature > ALERT_THRESHOLD, alert, "{out}");
                 assert!(alert || (15.0..=30.0).contains(&temperature), "{out}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_spread_plan_shifts_each_devices_alerts_and_keeps_their_share() {
+        let spread = AlertPlan {
+            fraction: 0.25,
+            phase: AlertPhase::Spread,
+            devices: 4,
+        };
+        let alerts = |plan: &AlertPlan, device: u64| -> Vec<u64> {
+            (0..12).filter(|&k| plan.is_alert(device, k)).collect()
+        };
+        // One device per message of the four-message cycle.
+        assert_eq!(alerts(&spread, 0), [3, 7, 11]);
+        assert_eq!(alerts(&spread, 1), [2, 6, 10]);
+        assert_eq!(alerts(&spread, 2), [1, 5, 9]);
+        assert_eq!(alerts(&spread, 3), [0, 4, 8]);
+        let aligned = AlertPlan {
+            phase: AlertPhase::Aligned,
+            ..spread
+        };
+        for device in 0..4 {
+            assert_eq!(alerts(&aligned, device), [3, 7, 11]);
+        }
+        for (fraction, devices) in [(0.0, 5), (1.0, 5), (0.02, 90), (0.3, 0)] {
+            let plan = AlertPlan {
+                fraction,
+                phase: AlertPhase::Spread,
+                devices,
+            };
+            for device in 0..devices.max(1) {
+                let count = (0..1000).filter(|&k| plan.is_alert(device, k)).count() as f64;
+                assert!(
+                    (count - 1000.0 * fraction).abs() <= 1.0,
+                    "{fraction} {device}: {count}"
+                );
             }
         }
     }

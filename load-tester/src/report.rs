@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use crate::alerts::AlertVerification;
 use crate::config::{Config, Qos};
 use crate::fleet::{FleetOutcome, LATE_AFTER};
+use crate::payload::AlertPhase;
 use crate::stats::{Counters, Outcome, Percentiles};
 use crate::verify::Verification;
 
@@ -99,6 +100,8 @@ pub struct Report {
     pub verify_timed_out: Option<bool>,
     /// Share of readings above the alert threshold, as asked.
     pub alert_fraction: f64,
+    /// Whether every device crosses the threshold at its own time or all at once.
+    pub alert_phase: AlertPhase,
     /// Whether --verify-alerts ran; the alert figures below are `null` unless it did.
     pub alerts_verified: bool,
     pub alert_rule: Option<String>,
@@ -195,6 +198,7 @@ impl Report {
             verify_waited_s: None,
             verify_timed_out: None,
             alert_fraction: config.alert_fraction,
+            alert_phase: config.alert_phase,
             alerts_verified: alerts.is_some(),
             alert_rule: None,
             alert_ms: None,

@@ -77,7 +77,7 @@ async fn verify_alerts_names_a_missing_and_a_duplicated_alert_row() {
         vec!["dev-1".into(), "dev-2".into()],
         0,
         "high-temperature".into(),
-        0.25,
+        load_tester::payload::AlertPlan::aligned(0.25),
         &(0..4).map(|_| Ledger::confirmed(8)).collect::<Vec<_>>(),
         |g, k| start + Duration::from_millis(100 * k + g as u64),
     );
@@ -360,6 +360,8 @@ async fn every_alert_reaches_its_owner_once_through_the_stacks_acl() {
         "40",
         "--alert-fraction",
         "0.2",
+        "--alert-phase",
+        "aligned",
         "--user-prefix",
         &prefix,
         "--mqtt-credentials-per-user",

@@ -7,7 +7,10 @@
 //! load-tester at half the sustained rate that `bench_e2e` found (kept in the stack's
 //! directory; `bench_e2e` runs first when there is none, or pass `--sustained-rate`). A share
 //! of the readings (`--alert-fraction`) is too hot, each alone between normal ones, so each
-//! raises one alert and the next reading clears it. The load-tester subscribes to every user's
+//! raises one alert and the next reading clears it. Each device's hot readings come at its own
+//! point of the cycle (`--alert-phase spread`), as independent devices cross a threshold;
+//! `--alert-phase aligned` makes the whole fleet cross at once, a burst of one alert per device.
+//! The load-tester subscribes to every user's
 //! `users/{user}/devices/+/alerts`, logged in as that user, and with `--verify-alerts` checks
 //! that every expected alert is stored once, published, and received once; latency runs from
 //! the crossing reading's due time to the alert's arrival, both on the load-tester's clock.
@@ -46,6 +49,10 @@ struct Args {
     /// Share of readings above the alert threshold.
     #[arg(long, default_value_t = 0.02)]
     alert_fraction: f64,
+    /// `spread`: each device crosses the threshold at its own time, so alerts come at a steady
+    /// rate; `aligned`: every device crosses at once (a fleet-wide event).
+    #[arg(long, default_value = "spread", value_parser = ["spread", "aligned"])]
+    alert_phase: String,
     /// Seconds the fleet publishes.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
@@ -99,11 +106,12 @@ fn main() -> anyhow::Result<()> {
     // Normal readings only, so the devices start without alerts; seqs far above the run's.
     stack.warm_up(args.users, args.devices_per_user, &prefix, 1_000_000_000)?;
     println!(
-        "bench-alerts: {} users x {} devices at {fleet_rate:.0} msg/s (half of {sustained:.0}) for {} s, {}% of readings too hot",
+        "bench-alerts: {} users x {} devices at {fleet_rate:.0} msg/s (half of {sustained:.0}) for {} s, {}% of readings too hot, phase {}",
         args.users,
         args.devices_per_user,
         args.seconds,
-        args.alert_fraction * 100.0
+        args.alert_fraction * 100.0,
+        args.alert_phase
     );
     let flags: Vec<String> = [
         "--users",
@@ -120,6 +128,8 @@ fn main() -> anyhow::Result<()> {
         &format!("alerts{stamp}"),
         "--alert-fraction",
         &args.alert_fraction.to_string(),
+        "--alert-phase",
+        &args.alert_phase,
         "--verify",
         "--verify-alerts",
         "--verify-timeout",
@@ -173,6 +183,7 @@ fn main() -> anyhow::Result<()> {
         "e2e_p50_ms": run.latency("e2e_ms", "p50").map(round2),
         "e2e_p99_ms": run.latency("e2e_ms", "p99").map(round2),
         "alert_fraction": args.alert_fraction,
+        "alert_phase": args.alert_phase,
         "users": args.users,
         "devices": devices,
         "seconds": args.seconds,

@@ -355,7 +355,7 @@ mod tests {
             vec!["dev-1".into(), "dev-2".into()],
             0,
             "high-temperature".into(),
-            0.25,
+            crate::payload::AlertPlan::aligned(0.25),
             &[Ledger::confirmed(8), Ledger::confirmed(8)],
             |g, k| Duration::from_millis(10_000 + 100 * k + g as u64),
         )

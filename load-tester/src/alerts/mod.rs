@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::fleet::FleetOutcome;
-use crate::payload;
+use crate::payload::AlertPlan;
 use crate::stats::{Ledger, Outcome};
 
 pub use check::{preflight, verify, AlertVerification};
@@ -75,14 +75,14 @@ pub struct ExpectedAlert {
 ///
 /// Readings never sent are skipped (the pipeline never saw them). The caller leaves out devices
 /// with unacknowledged readings, which may or may not have reached the pipeline.
-pub fn expected_events(ledger: &Ledger, alert_fraction: f64) -> Vec<(u64, EventKind)> {
+pub fn expected_events(ledger: &Ledger, is_alert: impl Fn(u64) -> bool) -> Vec<(u64, EventKind)> {
     let mut events = Vec::new();
     let mut open = false;
     for k in 0..ledger.len() {
         if ledger.get(k) == Outcome::NotSent {
             continue;
         }
-        match (payload::is_alert(k, alert_fraction), open) {
+        match (is_alert(k), open) {
             (true, false) => events.push((k, EventKind::Raised)),
             (false, true) => events.push((k, EventKind::Cleared)),
             _ => continue,
@@ -116,7 +116,7 @@ impl AlertExpectation {
         devices: Vec<String>,
         seq_start: i64,
         rule: String,
-        alert_fraction: f64,
+        alerts: AlertPlan,
         ledgers: &[Ledger],
         due: impl Fn(usize, u64) -> Duration,
     ) -> AlertExpectation {
@@ -133,7 +133,8 @@ impl AlertExpectation {
             if skip {
                 continue;
             }
-            for (k, kind) in expected_events(ledger, alert_fraction) {
+            let is_alert = |k| alerts.is_alert(device as u64, k);
+            for (k, kind) in expected_events(ledger, is_alert) {
                 let due = due(device, k);
                 events.push(ExpectedAlert {
                     device,
@@ -171,7 +172,7 @@ impl AlertExpectation {
                 .collect(),
             config.seq_start,
             rule.to_owned(),
-            config.alert_fraction,
+            config.alert_plan(),
             &fleet.ledgers,
             |g, k| fleet.wall_start + fleet.schedule.due(g as u64, k),
         )
@@ -228,6 +229,7 @@ impl AlertExpectation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::payload;
 
     fn confirmed(n: u64) -> Ledger {
         Ledger::confirmed(n)
@@ -237,7 +239,7 @@ mod tests {
     fn each_run_of_alert_readings_raises_once_and_the_next_normal_reading_clears() {
         // A quarter: readings 3, 7, 11 are alerts, each followed by a normal one.
         assert_eq!(
-            expected_events(&confirmed(12), 0.25),
+            expected_events(&confirmed(12), |k| payload::is_alert(k, 0.25)),
             [
                 (3, EventKind::Raised),
                 (4, EventKind::Cleared),
@@ -249,16 +251,16 @@ mod tests {
         );
         // Three quarters: runs of three alert readings raise once each.
         assert_eq!(
-            expected_events(&confirmed(8), 0.75),
+            expected_events(&confirmed(8), |k| payload::is_alert(k, 0.75)),
             [
                 (1, EventKind::Raised),
                 (4, EventKind::Cleared),
                 (5, EventKind::Raised),
             ]
         );
-        assert!(expected_events(&confirmed(50), 0.0).is_empty());
+        assert!(expected_events(&confirmed(50), |k| payload::is_alert(k, 0.0)).is_empty());
         assert_eq!(
-            expected_events(&confirmed(50), 1.0),
+            expected_events(&confirmed(50), |k| payload::is_alert(k, 1.0)),
             [(0, EventKind::Raised)]
         );
     }
@@ -271,7 +273,7 @@ mod tests {
         // Without reading 7, nothing happens between 5 and 11.
         ledger.set(7, Outcome::NotSent);
         assert_eq!(
-            expected_events(&ledger, 0.25),
+            expected_events(&ledger, |k| payload::is_alert(k, 0.25)),
             [
                 (3, EventKind::Raised),
                 (5, EventKind::Cleared),
@@ -289,7 +291,7 @@ mod tests {
             vec!["dev-1".into(), "dev-2".into()],
             100,
             "high-temperature".into(),
-            0.25,
+            AlertPlan::aligned(0.25),
             &[confirmed(8), unsure],
             |g, k| {
                 Duration::from_millis(1_000_000 + 10 * k + g as u64) + Duration::from_micros(700)
