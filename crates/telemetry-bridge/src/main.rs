@@ -84,7 +84,10 @@ fn load_config(cli: &Cli) -> Result<BridgeConfig, config::ConfigError> {
     })
 }
 
-#[tokio::main]
+// One thread: the bridge's work is one MQTT event loop and one acknowledger in step with it,
+// so a second worker thread bought no parallelism, only a cross-thread wake-up (a context
+// switch) per message between them (docs/performance.md, "Bridge").
+#[tokio::main(flavor = "current_thread")]
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = load_config(&cli)?;
     observe::init_logging(config.log_format);
