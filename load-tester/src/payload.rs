@@ -33,8 +33,8 @@ pub enum AlertPhase {
 }
 
 /// Which messages of which device carry alert-level temperatures: `fraction` of each device's
-/// messages, exactly as [`is_alert`] spreads them, with each device's cycle shifted by its
-/// place in the fleet unless the phase is aligned.
+/// messages, spread as evenly as [`is_alert`] spreads them, with each device's pattern shifted by
+/// its place in the fleet unless the phase is aligned.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AlertPlan {
     pub fraction: f64,
@@ -53,20 +53,22 @@ impl AlertPlan {
         }
     }
 
-    /// Whether message `k` of fleet device `device` carries an alert-level temperature.
+    /// Whether message `k` of fleet device `device` carries an alert-level temperature:
+    /// [`is_alert`] with the count of alert readings started `phase` of one reading ahead, so
+    /// device g of n has its pattern `g / n` of a cycle later than device 0, whatever the
+    /// fraction. A device gets `floor(n * fraction)` alert readings in its first `n`, or one
+    /// more.
     pub fn is_alert(&self, device: u64, k: u64) -> bool {
-        is_alert(k + self.shift(device), self.fraction)
+        let phase = self.phase(device);
+        ((k + 1) as f64 * self.fraction + phase).floor()
+            > (k as f64 * self.fraction + phase).floor()
     }
 
-    /// How many messages into its cycle device `device` starts: `device / devices` of the
-    /// `1 / fraction` messages between two alert readings.
-    fn shift(&self, device: u64) -> u64 {
+    /// Device `device`'s place in the fleet, in [0, 1).
+    fn phase(&self, device: u64) -> f64 {
         match self.phase {
-            AlertPhase::Aligned => 0,
-            _ if self.fraction <= 0.0 || self.devices == 0 => 0,
-            AlertPhase::Spread => {
-                (device as f64 / self.devices as f64 / self.fraction).floor() as u64
-            }
+            AlertPhase::Spread if self.devices > 0 => device as f64 / self.devices as f64,
+            _ => 0.0,
         }
     }
 }
@@ -147,37 +149,52 @@ mod tests {
 
     #[test]
     fn a_spread_plan_shifts_each_devices_alerts_and_keeps_their_share() {
-        let spread = AlertPlan {
-            fraction: 0.25,
-            phase: AlertPhase::Spread,
-            devices: 4,
+        let plan = |fraction: f64, phase: AlertPhase, devices: u64| AlertPlan {
+            fraction,
+            phase,
+            devices,
         };
-        let alerts = |plan: &AlertPlan, device: u64| -> Vec<u64> {
-            (0..12).filter(|&k| plan.is_alert(device, k)).collect()
+        let alerts = |plan: &AlertPlan, device: u64, n: u64| -> Vec<u64> {
+            (0..n).filter(|&k| plan.is_alert(device, k)).collect()
         };
         // One device per message of the four-message cycle.
-        assert_eq!(alerts(&spread, 0), [3, 7, 11]);
-        assert_eq!(alerts(&spread, 1), [2, 6, 10]);
-        assert_eq!(alerts(&spread, 2), [1, 5, 9]);
-        assert_eq!(alerts(&spread, 3), [0, 4, 8]);
-        let aligned = AlertPlan {
-            phase: AlertPhase::Aligned,
-            ..spread
-        };
+        let spread = plan(0.25, AlertPhase::Spread, 4);
+        assert_eq!(alerts(&spread, 0, 12), [3, 7, 11]);
+        assert_eq!(alerts(&spread, 1, 12), [2, 6, 10]);
+        assert_eq!(alerts(&spread, 2, 12), [1, 5, 9]);
+        assert_eq!(alerts(&spread, 3, 12), [0, 4, 8]);
+        // Aligned: every device as `is_alert`.
+        let aligned = plan(0.25, AlertPhase::Aligned, 4);
         for device in 0..4 {
-            assert_eq!(alerts(&aligned, device), [3, 7, 11]);
+            assert_eq!(alerts(&aligned, device, 12), [3, 7, 11]);
         }
-        for (fraction, devices) in [(0.0, 5), (1.0, 5), (0.02, 90), (0.3, 0)] {
-            let plan = AlertPlan {
-                fraction,
-                phase: AlertPhase::Spread,
-                devices,
-            };
-            for device in 0..devices.max(1) {
-                let count = (0..1000).filter(|&k| plan.is_alert(device, k)).count() as f64;
+        // Above one half the normal readings are the rare ones: each of four devices has its
+        // one normal reading in four at a different place.
+        let mostly_hot = plan(0.75, AlertPhase::Spread, 4);
+        let normal = |device: u64| -> Vec<u64> {
+            (0..8)
+                .filter(|&k| !mostly_hot.is_alert(device, k))
+                .collect()
+        };
+        let mut firsts: Vec<u64> = (0..4).map(|device| normal(device)[0]).collect();
+        firsts.sort();
+        assert_eq!(firsts, [0, 1, 2, 3]);
+        // The share holds for every device: floor(n x f) alert readings, or one more.
+        for (fraction, devices) in [
+            (0.0, 5),
+            (1.0, 5),
+            (0.02, 90),
+            (0.3, 7),
+            (0.9, 13),
+            (1e-30, 3),
+        ] {
+            let plan = plan(fraction, AlertPhase::Spread, devices);
+            let floor = (1000.0 * fraction).floor() as usize;
+            for device in 0..devices {
+                let count = alerts(&plan, device, 1000).len();
                 assert!(
-                    (count - 1000.0 * fraction).abs() <= 1.0,
-                    "{fraction} {device}: {count}"
+                    count == floor || count == floor + 1,
+                    "{fraction} device {device}: {count}"
                 );
             }
         }

@@ -100,8 +100,9 @@ pub struct Report {
     pub verify_timed_out: Option<bool>,
     /// Share of readings above the alert threshold, as asked.
     pub alert_fraction: f64,
-    /// Whether every device crosses the threshold at its own time or all at once.
-    pub alert_phase: AlertPhase,
+    /// Whether every device crosses the threshold at its own time or all at once; `null`
+    /// without alert readings.
+    pub alert_phase: Option<AlertPhase>,
     /// Whether --verify-alerts ran; the alert figures below are `null` unless it did.
     pub alerts_verified: bool,
     pub alert_rule: Option<String>,
@@ -198,7 +199,7 @@ impl Report {
             verify_waited_s: None,
             verify_timed_out: None,
             alert_fraction: config.alert_fraction,
-            alert_phase: config.alert_phase,
+            alert_phase: (config.alert_fraction > 0.0).then_some(config.alert_phase),
             alerts_verified: alerts.is_some(),
             alert_rule: None,
             alert_ms: None,
