@@ -42,11 +42,16 @@ const THIRD_PARTY: &[ThirdParty] = &[
             "vector_component_errors_total",
         ],
         label: "component_id",
+        selected: &[
+            "vector_component_received_events_total",
+            "vector_component_sent_events_total",
+        ],
     },
     ThirdParty {
         prefix: "redpanda_",
         metrics: &["redpanda_kafka_records_produced_total"],
         label: "redpanda_topic",
+        selected: &["redpanda_kafka_records_produced_total"],
     },
 ];
 
@@ -54,6 +59,9 @@ struct ThirdParty {
     prefix: &'static str,
     metrics: &'static [&'static str],
     label: &'static str,
+    /// Metrics that mean nothing summed over every component or topic, so a panel must select
+    /// one with `label="..."`.
+    selected: &'static [&'static str],
 }
 
 fn third_party(name: &str) -> Option<&'static ThirdParty> {
@@ -83,22 +91,49 @@ fn dashboard_metric_names() -> BTreeSet<String> {
         .collect()
 }
 
-/// The values an expression matches `label` against with `label="value"`.
-fn label_values(expr: &str, label: &str) -> Vec<String> {
-    let pattern = format!("{label}=\"");
-    expr.match_indices(&pattern)
-        .filter(|(at, _)| {
-            // A whole label name, not the end of a longer one.
-            !expr[..*at]
-                .chars()
-                .next_back()
-                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-        })
-        .map(|(at, _)| {
-            let value = &expr[at + pattern.len()..];
-            value[..value.find('"').expect("a closed label value")].to_owned()
-        })
-        .collect()
+/// One label matcher of a selector: label, operator (`=`, `!=`, `=~`, `!~`) and value.
+type Matcher = (String, String, String);
+
+/// The selectors of an expression: each metric name written with `{...}` and its matchers.
+fn selectors(expr: &str) -> Vec<(String, Vec<Matcher>)> {
+    let mut found = Vec::new();
+    let mut rest = expr;
+    while let Some(open) = rest.find('{') {
+        let name: String = rest[..open]
+            .chars()
+            .rev()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        let (matchers, after) = parse_matchers(&rest[open + 1..]);
+        found.push((name, matchers));
+        rest = after;
+    }
+    found
+}
+
+/// Reads `label op "value", ...}` and returns the matchers and the text after the `}`.
+fn parse_matchers(mut text: &str) -> (Vec<Matcher>, &str) {
+    let mut matchers = Vec::new();
+    loop {
+        text = text.trim_start_matches([' ', ',']);
+        if let Some(after) = text.strip_prefix('}') {
+            return (matchers, after);
+        }
+        let label_end = text
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .expect("a label matcher");
+        let label = text[..label_end].to_owned();
+        text = text[label_end..].trim_start();
+        let op_end = text.find('"').expect("a quoted label value");
+        let op = text[..op_end].trim().to_owned();
+        text = &text[op_end + 1..];
+        let value_end = text.find('"').expect("a closed label value");
+        matchers.push((label, op, text[..value_end].to_owned()));
+        text = &text[value_end + 1..];
+    }
 }
 
 /// The component ids of the Vector configuration files the compose stack loads.
@@ -116,11 +151,24 @@ fn vector_components() -> BTreeSet<String> {
 }
 
 #[test]
-fn label_values_are_read_from_matchers_only() {
+fn selectors_are_read_with_their_matchers() {
     let expr =
-        r#"sum(rate(m{component_id="emqx", x_component_id="no"}[5m])) + n{component_id="sink"}"#;
-    assert_eq!(label_values(expr, "component_id"), ["emqx", "sink"]);
-    assert!(label_values("sum by (component_id) (m)", "component_id").is_empty());
+        r#"sum by (component_id) (rate(m{component_id="emqx", x_id !~ "a,b"}[5m])) + n{ a = "}" }"#;
+    let matcher = |l: &str, o: &str, v: &str| (l.to_owned(), o.to_owned(), v.to_owned());
+    assert_eq!(
+        selectors(expr),
+        [
+            (
+                "m".to_owned(),
+                vec![
+                    matcher("component_id", "=", "emqx"),
+                    matcher("x_id", "!~", "a,b")
+                ]
+            ),
+            ("n".to_owned(), vec![matcher("a", "=", "}")]),
+        ]
+    );
+    assert!(selectors("sum(rate(m[5m]))").is_empty());
 }
 
 /// Vector (the compose stack's default bridge) and Redpanda cannot run here, so the panels
@@ -145,17 +193,36 @@ fn panels_about_vector_and_redpanda_select_components_and_topics_that_exist() {
                 "panel '{title}': {name} is not among the documented metrics {:?}",
                 exporter.metrics
             );
-            plotted.insert(name);
-            for value in label_values(&expr, exporter.label) {
+            plotted.insert(name.clone());
+            let selected = selectors(&expr);
+            let chosen: Vec<&Matcher> = selected
+                .iter()
+                .filter(|(metric, _)| *metric == name)
+                .flat_map(|(_, matchers)| matchers.iter())
+                .filter(|(label, _, _)| label == exporter.label)
+                .collect();
+            if exporter.selected.contains(&name.as_str()) {
+                assert!(
+                    !chosen.is_empty(),
+                    "panel '{title}': {name} must select one {} with {}=\"...\"",
+                    exporter.label,
+                    exporter.label
+                );
+            }
+            for (label, op, value) in chosen {
+                // Only an exact match can be checked against the configuration.
+                assert_eq!(
+                    op, "=",
+                    "panel '{title}': {label}{op}\"{value}\" cannot be checked"
+                );
                 let known = match exporter.prefix {
-                    "vector_" => components.contains(&value),
+                    "vector_" => components.contains(value),
                     _ => topics.contains(&value.as_str()),
                 };
                 assert!(
                     known,
-                    "panel '{title}' selects {}=\"{value}\", which names no Vector component \
-                     ({components:?}) or topic ({topics:?})",
-                    exporter.label
+                    "panel '{title}' selects {label}=\"{value}\", which names no Vector component \
+                     ({components:?}) or topic ({topics:?})"
                 );
             }
         }
