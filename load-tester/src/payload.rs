@@ -17,7 +17,13 @@ pub const ALERT_THRESHOLD: f64 = 80.0;
 /// `floor(n * fraction)` alerts evenly over the first `n` messages, so a later alerts check can
 /// know which messages should have raised one without replaying a random generator.
 pub fn is_alert(k: u64, fraction: f64) -> bool {
-    ((k + 1) as f64 * fraction).floor() > (k as f64 * fraction).floor()
+    is_alert_from(k, fraction, 0.0)
+}
+
+/// [`is_alert`] with the count of alert readings started `phase` (in [0, 1)) of one reading
+/// ahead: the same share, the pattern shifted by `phase` of a cycle.
+fn is_alert_from(k: u64, fraction: f64, phase: f64) -> bool {
+    ((k + 1) as f64 * fraction + phase).floor() > (k as f64 * fraction + phase).floor()
 }
 
 /// When in its cycle of alert readings each device is.
@@ -54,14 +60,11 @@ impl AlertPlan {
     }
 
     /// Whether message `k` of fleet device `device` carries an alert-level temperature:
-    /// [`is_alert`] with the count of alert readings started `phase` of one reading ahead, so
     /// device g of n has its pattern `g / n` of a cycle later than device 0, whatever the
     /// fraction. A device gets `floor(n * fraction)` alert readings in its first `n`, or one
     /// more.
     pub fn is_alert(&self, device: u64, k: u64) -> bool {
-        let phase = self.phase(device);
-        ((k + 1) as f64 * self.fraction + phase).floor()
-            > (k as f64 * self.fraction + phase).floor()
+        is_alert_from(k, self.fraction, self.phase(device))
     }
 
     /// Device `device`'s place in the fleet, in [0, 1).

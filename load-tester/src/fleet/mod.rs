@@ -204,8 +204,8 @@ pub async fn run(
     let mut running = JoinSet::new();
     for (index, client, eventloop, members) in connections {
         let outbox = Arc::new(Mutex::new(Outbox::default()));
-        let timetable = schedule.timetable(members.iter().map(|m| m.fleet_index).collect());
         let fleet_indices: Vec<u64> = members.iter().map(|m| m.fleet_index).collect();
+        let timetable = schedule.timetable(fleet_indices.clone());
         let publisher = publisher::Publisher {
             client: client.clone(),
             outbox: outbox.clone(),
