@@ -92,6 +92,39 @@ fn our_services_are_scraped_where_they_serve_metrics() {
     );
 }
 
+/// Vector and Redpanda cannot run here; the dashboard plots their metrics (see dashboard.rs),
+/// so Prometheus must scrape them where they serve those: Vector's `prometheus_exporter` sink
+/// of `deploy/vector/observability.toml`, Redpanda's `/public_metrics`.
+#[test]
+fn vector_and_redpanda_are_scraped_where_they_serve_metrics() {
+    let config = yaml("deploy/prometheus/prometheus.yml").unwrap();
+    let exporter: toml::Table = deploy_check::read("deploy/vector/observability.toml")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let address = exporter["sinks"]
+        .as_table()
+        .unwrap()
+        .values()
+        .find(|sink| sink["type"].as_str() == Some("prometheus_exporter"))
+        .expect("a prometheus_exporter sink")["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let vector_port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(
+        targets(&config).contains(&("vector".to_owned(), "vector".to_owned(), vector_port)),
+        "no job scrapes vector:{vector_port}"
+    );
+    let redpanda = config["scrape_configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|job| job["job_name"].as_str() == Some("redpanda"))
+        .expect("a redpanda job");
+    assert_eq!(redpanda["metrics_path"].as_str(), Some("/public_metrics"));
+}
+
 #[test]
 fn the_grafana_datasource_points_at_the_prometheus_service() {
     let datasources = yaml("deploy/grafana/provisioning/datasources/prometheus.yml").unwrap();
