@@ -25,6 +25,10 @@ WORKER_HTTP=${WORKER_HTTP:-127.0.0.1:9101}
 BRIDGE_HTTP=${BRIDGE_HTTP:-127.0.0.1:9102}
 API_HTTP=${API_HTTP:-127.0.0.1:9103}
 API_LISTEN=${API_LISTEN:-127.0.0.1:8081}
+# iot-stream's partitions: 12, as in redpanda/topics.conf, so up to 12 worker replicas share it.
+# Tansu's cost is per produce request, one per partition each linger: 4 partitions left
+# the machine about twice as much idle CPU at 10,930 msg/s (docs/performance.md), for at most 4
+# replicas.
 PARTITIONS=${PARTITIONS:-12}
 # Empty: the worker's default (batch.max_wait_ms, 100 ms). Lower trades larger batches for latency.
 WORKER_BATCH_MAX_WAIT_MS=${WORKER_BATCH_MAX_WAIT_MS:-}
