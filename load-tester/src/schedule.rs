@@ -90,6 +90,8 @@ impl Schedule {
 pub struct Slot {
     /// Index into the device list the timetable was built from.
     pub local: usize,
+    /// The device's index in the fleet: the entry at `local` of that list.
+    pub device: u64,
     /// The device's message number, from 0.
     pub k: u64,
     /// When it is due, from the start of the run.
@@ -111,11 +113,17 @@ impl Iterator for Timetable {
 
     fn next(&mut self) -> Option<Slot> {
         let Reverse((due, local, k)) = self.heap.pop()?;
+        let device = self.devices[local];
         if k + 1 < self.schedule.messages {
-            let next = self.schedule.due(self.devices[local], k + 1);
+            let next = self.schedule.due(device, k + 1);
             self.heap.push(Reverse((next, local, k + 1)));
         }
-        Some(Slot { local, k, due })
+        Some(Slot {
+            local,
+            device,
+            k,
+            due,
+        })
     }
 }
 
@@ -173,10 +181,11 @@ mod tests {
         let slots: Vec<Slot> = schedule.timetable(vec![5, 1, 3]).collect();
         assert_eq!(slots.len(), 150);
         assert!(slots.windows(2).all(|w| w[0].due <= w[1].due));
-        for local in 0..3 {
+        for (local, device) in [5, 1, 3].into_iter().enumerate() {
             let ks: Vec<u64> = slots
                 .iter()
                 .filter(|s| s.local == local)
+                .inspect(|s| assert_eq!(s.device, device))
                 .map(|s| s.k)
                 .collect();
             assert_eq!(ks, (0..50).collect::<Vec<_>>());

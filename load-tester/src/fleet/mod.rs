@@ -214,7 +214,6 @@ pub async fn run(
             start,
             wall_start: wall_start_ms,
             seq_start: config.seq_start,
-            fleet_indices: fleet_indices.clone(),
             alerts: config.alert_plan(),
             payload_bytes: config.payload_bytes,
             shutdown: shutdown.clone(),

@@ -37,8 +37,6 @@ pub(super) struct Publisher {
     /// `start` as wall-clock time since the epoch, for the payload's `ts`.
     pub wall_start: Duration,
     pub seq_start: i64,
-    /// Fleet index of each device, by local index.
-    pub fleet_indices: Vec<u64>,
     pub alerts: payload::AlertPlan,
     pub payload_bytes: usize,
     pub shutdown: Shutdown,
@@ -56,7 +54,7 @@ impl Publisher {
                 _ = tokio::time::sleep_until(due.into()) => {}
             }
             let ts_ms = (self.wall_start + slot.due).as_millis() as i64;
-            let alert = self.alerts.is_alert(self.fleet_indices[slot.local], slot.k);
+            let alert = self.alerts.is_alert(slot.device, slot.k);
             payload::write(
                 &mut json,
                 ts_ms,
