@@ -227,12 +227,7 @@ fn panels_about_vector_and_redpanda_select_components_and_topics_that_exist() {
             }
         }
     }
-    for metric in [
-        "vector_component_received_events_total",
-        "vector_component_sent_events_total",
-        "vector_component_errors_total",
-        "redpanda_kafka_records_produced_total",
-    ] {
+    for &metric in THIRD_PARTY.iter().flat_map(|exporter| exporter.metrics) {
         assert!(
             plotted.contains(metric),
             "the dashboard does not plot {metric}"
