@@ -153,10 +153,20 @@ start_mosquitto() {
         echo "set_tcp_nodelay true"
         echo "persistence true"
         echo "persistence_location $STACK_DIR/mosquitto/"
-        # Persistent sessions (the bridge's) must not drop QoS 1 messages while it is away.
-        echo "max_queued_messages 1000000"
+        # Persistent sessions (the bridge's) must not drop a QoS 1 message a device got its
+        # PUBACK for. Mosquitto 2.0.11 drops one (after PUBACKing the device) once a session
+        # holds max_queued_messages + its Receive Maximum, in flight and queued together; 0 and
+        # 0 mean no limit (src/database.c, db__ready_for_queue). The queue lives in memory:
+        # docs/reliability.md sizes it.
+        echo "max_queued_messages 0"
         echo "max_queued_bytes 0"
         echo "max_inflight_messages 1000"
+        # Packets over 900 KiB are refused at the door: an MQTT 5 device gets DISCONNECT 0x95
+        # (Packet too large), an MQTT 3.1.1 device a closed connection, and neither loses the
+        # message silently (src/packet_mosq.c, packet__read). Below the bridge's Maximum Packet
+        # Size (1 MiB), so Mosquitto never drops an accepted message on the way to the bridge
+        # (src/send_publish.c, send__real_publish).
+        echo "max_packet_size 921600"
         echo "log_dest file $STACK_DIR/mosquitto.log"
         echo "pid_file $STACK_DIR/mosquitto.pid"
         [ "$(id -u)" -eq 0 ] && echo "user root"
@@ -271,6 +281,7 @@ up() {
     alive "$STACK_DIR/telemetry-bridge.pid" || write_bridge_config
     TELEMETRY_BRIDGE_MQTT__USERNAME=telemetry-bridge \
     TELEMETRY_BRIDGE_MQTT__PASSWORD=telemetry-bridge \
+    TELEMETRY_BRIDGE_MQTT__BROKER_STATS=true \
         start_stage telemetry-bridge --config "$(bridge_config_path)" --brokers "$brokers" \
         --http-listen "$BRIDGE_HTTP" --mqtt-host 127.0.0.1 --mqtt-port "$MQTT_PORT" \
         --client-id telemetry-bridge-local

@@ -29,6 +29,9 @@ pub struct LocalStack {
     pub mqtt_port: u16,
     /// PostgreSQL directly (not PgBouncer), where the load-tester checks rows and alerts.
     pub database_url: String,
+    /// The bridge's and the worker's /metrics servers.
+    pub bridge_http: String,
+    pub worker_http: String,
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -55,6 +58,8 @@ impl LocalStack {
                 .parse()
                 .context("MQTT_PORT is not a port number")?,
             database_url: format!("postgres://postgres@127.0.0.1:{pg_port}/telemetry"),
+            bridge_http: env_or("BRIDGE_HTTP", "127.0.0.1:9102"),
+            worker_http: env_or("WORKER_HTTP", "127.0.0.1:9101"),
         })
     }
 
@@ -210,6 +215,37 @@ impl LocalStack {
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
     }
 
+    /// The sustained fleet rate: `given`, else the last `bench_e2e` result on this stack, which
+    /// is measured first when there is none. `who` names the benchmark in its commentary.
+    pub fn sustained_rate(&self, given: Option<f64>, who: &str) -> anyhow::Result<f64> {
+        if let Some(rate) = given {
+            return Ok(rate);
+        }
+        let saved = || {
+            self.saved_result("e2e")
+                .and_then(|line| line["sustained_msgs_per_s"].as_f64())
+        };
+        if let Some(rate) = saved() {
+            println!(
+                "{who}: sustained rate {rate:.0} msg/s from {}",
+                self.result_path("e2e").display()
+            );
+            return Ok(rate);
+        }
+        println!("{who}: no sustained rate measured yet on this stack; running bench_e2e first");
+        let status = Command::new(self.bin_dir.join("bench_e2e"))
+            // Its lines, JSON included, are commentary here; stdout ends with the caller's line.
+            .stdout(Stdio::from(std::io::stderr()))
+            .status()
+            .context(
+                "cannot run bench_e2e (cargo build --release -p benchmarks --bin bench_e2e)",
+            )?;
+        if !status.success() {
+            bail!("bench_e2e failed ({status})");
+        }
+        saved().context("bench_e2e left no result")
+    }
+
     /// Where a benchmark keeps its last JSON line for the others (until `make down`).
     pub fn result_path(&self, bench: &str) -> PathBuf {
         self.dir.join(format!("bench-{bench}.json"))
@@ -224,6 +260,129 @@ impl LocalStack {
         let text = std::fs::read_to_string(self.result_path(bench)).ok()?;
         serde_json::from_str(text.trim()).ok()
     }
+}
+
+/// What the pipeline holds between the devices' PUBACKs and the worker: the messages Mosquitto
+/// stores (its `$SYS` count, exported by the bridge), those the bridge holds, and the worker's
+/// consumer lag. Sampled once a second in the background until [`BacklogSampler::stop`].
+#[derive(Debug)]
+pub struct BacklogSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<BacklogSample>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BacklogSample {
+    /// Seconds since sampling started.
+    pub at_s: f64,
+    pub broker: f64,
+    pub bridge_held: f64,
+    pub kafka_lag: f64,
+    /// The bridge's reconnects so far.
+    pub bridge_reconnects: f64,
+    /// The bridge's resident memory, from /proc, in MB.
+    pub bridge_rss_mb: f64,
+    /// Mosquitto's resident memory, in MB: with the stored count, what a queued message costs.
+    pub broker_rss_mb: f64,
+}
+
+impl BacklogSample {
+    pub fn total(&self) -> f64 {
+        self.broker + self.bridge_held + self.kafka_lag
+    }
+}
+
+impl BacklogSampler {
+    pub fn start(stack: &LocalStack) -> BacklogSampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (bridge, worker) = (stack.bridge_http.clone(), stack.worker_http.clone());
+        let pid = |name: &str| {
+            std::fs::read_to_string(stack.dir.join(format!("{name}.pid")))
+                .ok()
+                .and_then(|pid| pid.trim().parse::<u32>().ok())
+        };
+        let (bridge_pid, broker_pid) = (pid("telemetry-bridge"), pid("mosquitto"));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut samples = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Acquire) {
+                let bridge_page = metrics_page(&bridge);
+                let worker_page = metrics_page(&worker);
+                samples.push(BacklogSample {
+                    at_s: started.elapsed().as_secs_f64(),
+                    broker: test_servers::metric_value(
+                        &bridge_page,
+                        "telemetry_bridge_broker_messages_stored",
+                    ),
+                    bridge_held: test_servers::metric_value(
+                        &bridge_page,
+                        "telemetry_bridge_held_messages",
+                    ),
+                    kafka_lag: test_servers::metric_value(
+                        &worker_page,
+                        "telemetry_worker_consumer_lag",
+                    ),
+                    bridge_reconnects: test_servers::metric_value(
+                        &bridge_page,
+                        "telemetry_bridge_mqtt_reconnects_total",
+                    ),
+                    bridge_rss_mb: bridge_pid.map_or(0.0, rss_mb),
+                    broker_rss_mb: broker_pid.map_or(0.0, rss_mb),
+                });
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            samples
+        });
+        BacklogSampler { stop, thread }
+    }
+
+    pub fn stop(self) -> Vec<BacklogSample> {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// How much the backlog grew over the second half of `[0, until_s]`: the mean of the last
+/// quarter minus the mean of the third quarter, so one noisy sample decides nothing. Positive
+/// when it grew.
+pub fn backlog_growth(samples: &[BacklogSample], until_s: f64) -> f64 {
+    let mean = |from: f64, to: f64| {
+        let window: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.at_s >= from && s.at_s < to)
+            .map(BacklogSample::total)
+            .collect();
+        window.iter().sum::<f64>() / window.len().max(1) as f64
+    };
+    mean(0.75 * until_s, until_s) - mean(0.5 * until_s, 0.75 * until_s)
+}
+
+fn metrics_page(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return String::new();
+    }
+    let mut page = String::new();
+    let _ = stream.read_to_string(&mut page);
+    page
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// One load-tester run.

@@ -20,10 +20,8 @@
 //! number of expected alerts received. Target: p99 <= 50 ms and alerts == expected; reported,
 //! never asserted.
 
-use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context};
 use benchmarks::stack::{round2, LocalStack};
 use clap::Parser;
 use serde_json::json;
@@ -58,39 +56,11 @@ struct Args {
     seconds: u64,
 }
 
-fn sustained_rate(args: &Args, stack: &LocalStack) -> anyhow::Result<f64> {
-    if let Some(rate) = args.sustained_rate {
-        return Ok(rate);
-    }
-    let saved = |stack: &LocalStack| {
-        stack
-            .saved_result("e2e")
-            .and_then(|line| line["sustained_msgs_per_s"].as_f64())
-    };
-    if let Some(rate) = saved(stack) {
-        println!(
-            "bench-alerts: sustained rate {rate:.0} msg/s from {}",
-            stack.result_path("e2e").display()
-        );
-        return Ok(rate);
-    }
-    println!("bench-alerts: no sustained rate measured yet on this stack; running bench_e2e first");
-    let status = Command::new(stack.bin_dir.join("bench_e2e"))
-        // Its lines, JSON included, are commentary here; stdout ends with this benchmark's line.
-        .stdout(Stdio::from(std::io::stderr()))
-        .status()
-        .context("cannot run bench_e2e (cargo build --release -p benchmarks --bin bench_e2e)")?;
-    if !status.success() {
-        bail!("bench_e2e failed ({status})");
-    }
-    saved(stack).context("bench_e2e left no result")
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let stack = LocalStack::from_env()?;
     stack.up()?;
-    let sustained = sustained_rate(&args, &stack)?;
+    let sustained = stack.sustained_rate(args.sustained_rate, "bench-alerts")?;
     let fleet_rate = (sustained / 2.0).round();
     let devices = args.users * args.devices_per_user;
 

@@ -6,9 +6,12 @@
 //! a fresh Tansu (`scripts/stack.sh fresh-kafka`: its memory storage slows as it fills) after a
 //! short warm-up, multiplying the rate by `--factor` until a step fails, then bisecting between
 //! the last pass and the first failure. A step passes when every message was acknowledged and stored exactly
-//! once, the end-to-end p99 (due time -> row committed) stayed under 1 s, and the load-tester
-//! published within 3% of the asked rate, so the load was really offered. The sustained rate is
-//! the highest passing one; a last, longer run at half of it gives the latencies.
+//! once, the end-to-end p99 (due time -> row committed) stayed under 1 s, the load-tester
+//! published within 3% of the asked rate, so the load was really offered, and what the pipeline
+//! holds (Mosquitto's stored messages, the bridge's held messages, the worker's Kafka lag,
+//! sampled every second) did not grow over the step's second half. Steps publish for 60 s, so a
+//! rate counts as sustained only when it held that long. The sustained rate is the highest
+//! passing one; a last, longer run at half of it gives the latencies.
 //!
 //! The last line printed is one JSON object:
 //! `{"bench":"e2e","sustained_msgs_per_s":N,"e2e_p50_ms":A,"e2e_p99_ms":B,"lost":0,"duplicated":0,...}`
@@ -19,7 +22,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::bail;
-use benchmarks::stack::{round2, LoadRun, LocalStack};
+use benchmarks::stack::{
+    backlog_growth, round2, BacklogSample, BacklogSampler, LoadRun, LocalStack,
+};
 use clap::Parser;
 use serde_json::json;
 
@@ -34,6 +39,9 @@ const MAX_RATE_SHORTFALL: f64 = 0.03;
 /// Each step's sequence numbers start this far above the previous step's, so a step's rows are
 /// told apart from earlier steps' of the same users.
 const SEQ_STRIDE: i64 = 1_000_000_000;
+/// A step fails when the backlog grew over its second half by more than this share of the
+/// messages offered in that half: a queue that grows is a rate that is not sustained.
+const MAX_BACKLOG_GROWTH: f64 = 0.02;
 
 #[derive(Debug, Parser)]
 #[command(about = "Sustained rate and end-to-end latency of the local stack")]
@@ -56,8 +64,8 @@ struct Args {
     /// Bisection steps between the last passing and the first failing rate.
     #[arg(long, default_value_t = 2)]
     refine: u32,
-    /// Seconds each step publishes.
-    #[arg(long, default_value_t = 15)]
+    /// Seconds each step publishes (at least 60 for a rate to count as sustained).
+    #[arg(long, default_value_t = 60)]
     seconds: u64,
     /// Seconds the run at half the sustained rate publishes.
     #[arg(long, default_value_t = 30)]
@@ -68,11 +76,25 @@ struct Args {
 struct Step {
     rate: f64,
     run: LoadRun,
+    /// How much the backlog grew over the second half of the step.
+    growth: f64,
     /// Why it failed; `None` when it passed.
     failure: Option<String>,
 }
 
-fn judge(run: &LoadRun) -> Option<String> {
+fn judge(run: &LoadRun, growth: f64, rate: f64, seconds: u64) -> Option<String> {
+    let allowed = MAX_BACKLOG_GROWTH * rate * seconds as f64 / 2.0;
+    if let Some(why) = judge_run(run) {
+        return Some(why);
+    }
+    (growth > allowed).then(|| {
+        format!(
+            "the backlog grew by {growth:.0} messages over the second half (allowed {allowed:.0})"
+        )
+    })
+}
+
+fn judge_run(run: &LoadRun) -> Option<String> {
     let p99 = run.latency("e2e_ms", "p99");
     let shortfall = 1.0 - run.number("publish_rate") / run.number("target_rate").max(1.0);
     if run.exit_code != 0 {
@@ -108,7 +130,7 @@ fn judge(run: &LoadRun) -> Option<String> {
 fn describe(step: &Step) -> String {
     let ms = |p: &str| step.run.latency("e2e_ms", p).unwrap_or(f64::NAN);
     format!(
-        "{:.0} msg/s: {} (published {:.1} msg/s, e2e p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; lost {}, duplicated {})",
+        "{:.0} msg/s: {} (published {:.1} msg/s, e2e p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; lost {}, duplicated {}; backlog growth over the second half {:.0})",
         step.rate,
         step.failure
             .as_deref()
@@ -119,6 +141,7 @@ fn describe(step: &Step) -> String {
         ms("max"),
         step.run.number("lost"),
         step.run.number("duplicated"),
+        step.growth,
     )
 }
 
@@ -176,15 +199,24 @@ impl Bench {
             seq_start + SEQ_STRIDE / 2,
         )?;
         let flags = self.flags(devices, rate, seconds, seq_start, "step");
-        let run = self.stack.load_test(&flags)?;
-        let failure = judge(&run);
+        let sampler = BacklogSampler::start(&self.stack);
+        let run = self.stack.load_test(&flags);
+        let samples: Vec<BacklogSample> = sampler.stop();
+        let run = run?;
+        let growth = backlog_growth(&samples, seconds as f64);
+        let failure = judge(&run, growth, rate, seconds);
         if failure.is_some() {
             // An overloaded pipeline keeps working off its backlog; let it finish before Kafka
             // is replaced, so the next step starts clean.
             self.stack
                 .wait_until_drained(&self.prefix, Duration::from_secs(180))?;
         }
-        Ok(Step { rate, run, failure })
+        Ok(Step {
+            rate,
+            run,
+            growth,
+            failure,
+        })
     }
 }
 

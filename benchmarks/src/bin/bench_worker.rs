@@ -12,7 +12,8 @@
 //!   transaction, text format); tokio-postgres' `BinaryCopyInWriter`; the worker's COPY encoder
 //!   alone (`copy::encode`, one buffer per transaction); and the worker's whole write path,
 //!   `Sink::store`, which also locks and advances `ingest_offsets` and by default upserts
-//!   `device_latest`: with one writer, one writer without `device_latest`, and as the worker
+//!   `device_latest`: with one writer, one writer without `device_latest`, one writer over the
+//!   same rows without `seq` (no check for copies: the cost of exactly-once by `seq`), and as the worker
 //!   runs it, with `batch.writers` (default 2) loops at once, each on its own connection and
 //!   given the partitions `kafka::share_of` gives it. The tables are emptied before every run; runs
 //!   alternate in rounds, and each side's rate is that of its fastest round, because load from
@@ -344,17 +345,21 @@ enum Writer {
     Sink,
     /// One `Sink::store` loop with `.keep_device_latest(false)`.
     SinkWithoutLatest,
+    /// One `Sink::store` loop over the same rows without `seq`, which skips the check for
+    /// copies (`dedup`): the difference to `Sink` is what exactly-once by `seq` costs.
+    SinkWithoutSeq,
     /// The worker's write path: `batch.writers` `Sink::store` loops at once, each on its own
     /// connection, with the partitions `kafka::share_of` assigns it.
     Worker,
 }
 
-const WRITERS: [Writer; 6] = [
+const WRITERS: [Writer; 7] = [
     Writer::Psql,
     Writer::BinaryCopyIn,
     Writer::WorkerCopy,
     Writer::Sink,
     Writer::SinkWithoutLatest,
+    Writer::SinkWithoutSeq,
     Writer::Worker,
 ];
 
@@ -366,6 +371,7 @@ impl Writer {
             Writer::WorkerCopy => "worker COPY encoder alone",
             Writer::Sink => "Sink::store, one writer",
             Writer::SinkWithoutLatest => "one writer, no device_latest",
+            Writer::SinkWithoutSeq => "one writer, rows without seq",
             Writer::Worker => "worker (default batch.writers)",
         }
     }
@@ -436,6 +442,21 @@ async fn write_path(
     })?;
     // Everything each side needs is built before its clock starts.
     let batches = transactions(rows, args.transaction_rows);
+    let unnumbered: Vec<Batch> = batches
+        .iter()
+        .map(|batch| Batch {
+            rows: batch
+                .rows
+                .iter()
+                .map(|row| Row {
+                    seq: None,
+                    ..row.clone()
+                })
+                .collect(),
+            dead: Vec::new(),
+            next_offsets: batch.next_offsets.clone(),
+        })
+        .collect();
     let files = tempfile::tempdir()?;
     let script = psql_script(files.path(), &batches)?;
     let payloads: Vec<Vec<Box<RawValue>>> = batches
@@ -484,6 +505,9 @@ async fn write_path(
                 Writer::Sink => store_all(&sink_latest, batches.iter(), &shutdown).await?,
                 Writer::SinkWithoutLatest => {
                     store_all(&sink_plain, batches.iter(), &shutdown).await?
+                }
+                Writer::SinkWithoutSeq => {
+                    store_all(&sink_latest, unnumbered.iter(), &shutdown).await?
                 }
                 Writer::Worker => {
                     let writers = BatchConfig::default().writers;
@@ -544,7 +568,9 @@ async fn store_all(
 /// previous one's dirty pages.
 async fn empty_tables(direct: &tokio_postgres::Client) -> anyhow::Result<()> {
     direct
-        .batch_execute("TRUNCATE raw_telemetry, device_latest, ingest_offsets; CHECKPOINT;")
+        .batch_execute(
+            "TRUNCATE raw_telemetry, device_latest, device_sequences, ingest_offsets; CHECKPOINT;",
+        )
         .await
         .context("cannot empty the tables between runs")
 }
@@ -991,11 +1017,13 @@ fn report(args: &Args, write: Option<&WriteFigures>, drain: Option<&DrainFigures
     if let Some(write) = write {
         let rate = |writer| write.rate(writer);
         let cpu = |writer| round2(write.client_cpu_us_per_row(writer));
-        let (one, plain, worker) = (
+        let (one, plain, unnumbered, worker) = (
             rate(Writer::Sink),
             rate(Writer::SinkWithoutLatest),
+            rate(Writer::SinkWithoutSeq),
             rate(Writer::Worker),
         );
+        let seq_cost = (1.0 - one / unnumbered) * 100.0;
         let writers = BatchConfig::default().writers;
         let (psql, bcw, encoder) = (
             rate(Writer::Psql),
@@ -1020,7 +1048,8 @@ fn report(args: &Args, write: Option<&WriteFigures>, drain: Option<&DrainFigures
         println!(
             "  copy_ratio {:.2} (worker with {writers} writers / psql; target >= 1.0); one writer / \
              psql {:.2}; one writer / BinaryCopyInWriter {:.2}; encoder alone / \
-             BinaryCopyInWriter {:.2}, / psql {:.2}; device_latest costs {latest_cost:.1}%",
+             BinaryCopyInWriter {:.2}, / psql {:.2}; device_latest costs {latest_cost:.1}%; \
+             exactly-once by seq costs {seq_cost:.1}%",
             worker / psql,
             one / psql,
             one / bcw,
@@ -1041,6 +1070,8 @@ fn report(args: &Args, write: Option<&WriteFigures>, drain: Option<&DrainFigures
             ("worker_copy_vs_psql", round2(encoder / psql)),
             ("without_device_latest_rows_per_s", whole(plain)),
             ("device_latest_cost_pct", round2(latest_cost)),
+            ("without_seq_rows_per_s", whole(unnumbered)),
+            ("seq_dedup_cost_pct", round2(seq_cost)),
             ("psql_cpu_us_per_row", cpu(Writer::Psql)),
             ("binary_writer_cpu_us_per_row", cpu(Writer::BinaryCopyIn)),
             ("worker_copy_cpu_us_per_row", cpu(Writer::WorkerCopy)),

@@ -47,6 +47,17 @@ const THIRD_PARTY: &[ThirdParty] = &[
             "vector_component_sent_events_total",
         ],
     },
+    // EMQX's own counters of messages it dropped (v5.8.6 apps/emqx_prometheus/src/
+    // emqx_prometheus.erl l.845-850), scraped by the `emqx` job.
+    ThirdParty {
+        prefix: "emqx_",
+        metrics: &[
+            "emqx_delivery_dropped_queue_full",
+            "emqx_delivery_dropped_too_large",
+        ],
+        label: "node",
+        selected: &[],
+    },
     ThirdParty {
         prefix: "redpanda_",
         metrics: &["redpanda_kafka_records_produced_total"],
@@ -453,6 +464,8 @@ async fn every_metric_the_dashboard_plots_is_exported_by_a_running_worker_and_br
     bridge_config.mqtt.host = servers.mosquitto.host().to_owned();
     bridge_config.mqtt.port = servers.mosquitto.port();
     bridge_config.mqtt.client_id = unique_name("bridge");
+    // As the local stack runs it: Mosquitto's counters through the bridge.
+    bridge_config.mqtt.broker_stats = true;
     let bridge = start_bridge(bridge_config.clone());
 
     // A bridge whose broker is unreachable counts reconnects (both bridges share the process's

@@ -14,8 +14,14 @@ use crate::route::{Filter, KeyTemplate};
 /// headers it must still fit Kafka's default `message.max.bytes` of 1,000,000.
 pub const MAX_PAYLOAD_LIMIT: usize = 900_000;
 
-/// Room for the topic, properties and fixed header of an MQTT packet around its payload.
-const PACKET_OVERHEAD: usize = 64 * 1024;
+/// The MQTT 5 Maximum Packet Size the bridge announces: larger than any packet the brokers of
+/// our stacks accept (EMQX `mqtt.max_packet_size = 900KB` in deploy/emqx/emqx.conf, Mosquitto
+/// `max_packet_size 921600` in scripts/stack.sh), so a broker never has to drop a message it
+/// acknowledged to a device because the bridge could not take it (a broker drops such a
+/// message silently: Mosquitto 2.0.11 `send__real_publish`, EMQX `delivery.dropped.too_large`).
+/// Payloads above `max_payload_bytes` that the broker accepted are dead-lettered; larger ones are
+/// refused by the broker at the door, with a reason the device sees.
+pub const MAX_PACKET_BYTES: u32 = 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -32,10 +38,14 @@ pub struct BridgeConfig {
     /// measured about 27k msg/s with 1,000 and about 40k with 10,000. Memory grows with it
     /// (window x message size): lower it for large payloads.
     pub max_in_flight: usize,
-    /// Payloads larger than this go to the dead-letter topic. Payloads larger than this plus
-    /// 64 KiB exceed the Maximum Packet Size the bridge announces, and an MQTT 5 broker drops
-    /// them instead of delivering them (MQTT 5, section 3.1.2.11.4).
+    /// Payloads larger than this go to the dead-letter topic, payload and all. The broker must
+    /// refuse packets larger than [`MAX_PACKET_BYTES`] at the door (see there).
     pub max_payload_bytes: usize,
+    /// How long messages may be held with none confirmed by Kafka or acknowledged before
+    /// `/healthz` fails, so that an orchestrator restarts a bridge that stopped making progress.
+    /// A Kafka outage longer than this also fails it; the restart is harmless (the broker keeps
+    /// every unacknowledged message) and readiness names the outage.
+    pub stall_timeout_secs: u64,
     pub http: HttpConfig,
     pub log_format: LogFormat,
 }
@@ -48,18 +58,12 @@ impl Default for BridgeConfig {
             routes: vec![RouteConfig::telemetry()],
             max_in_flight: 10_000,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            stall_timeout_secs: 120,
             http: HttpConfig {
                 listen: "0.0.0.0:9102".parse().expect("valid address"),
             },
             log_format: LogFormat::Text,
         }
-    }
-}
-
-impl BridgeConfig {
-    /// The MQTT 5 Maximum Packet Size the bridge announces.
-    pub fn max_packet_bytes(&self) -> u32 {
-        (self.max_payload_bytes + PACKET_OVERHEAD) as u32
     }
 }
 
@@ -89,6 +93,11 @@ pub struct MqttConfig {
     /// How long the broker keeps the session, and the messages queued for it, while the bridge
     /// is away (MQTT 5 Session Expiry Interval). Outages longer than this lose messages.
     pub session_expiry_secs: u32,
+    /// Read Mosquitto's `$SYS` counters of messages stored and dropped, and export them as
+    /// `telemetry_bridge_broker_*` gauges. For Mosquitto, which has no Prometheus endpoint;
+    /// the broker must let the bridge read `$SYS/broker/publish/messages/dropped` and
+    /// `$SYS/broker/store/messages/#`.
+    pub broker_stats: bool,
 }
 
 impl Default for MqttConfig {
@@ -105,6 +114,7 @@ impl Default for MqttConfig {
             shared_group: None,
             keep_alive_secs: 30,
             session_expiry_secs: 7 * 24 * 3600,
+            broker_stats: false,
         }
     }
 }
@@ -283,6 +293,12 @@ impl Validate for BridgeConfig {
                 "must be between 1 and 65535 (the MQTT 5 Receive Maximum)",
             ));
         }
+        if !(30..=86_400).contains(&self.stall_timeout_secs) {
+            return Err(ConfigError::invalid(
+                "stall_timeout_secs",
+                "must be between 30 and 86400: shorter than 30 s would restart a bridge that waits out a Kafka leader election",
+            ));
+        }
         if !(1..=MAX_PAYLOAD_LIMIT).contains(&self.max_payload_bytes) {
             return Err(ConfigError::invalid(
                 "max_payload_bytes",
@@ -340,6 +356,12 @@ mod tests {
     fn a_session_that_expires_on_disconnect_is_refused() {
         let e = invalid(|c| c.mqtt.session_expiry_secs = 0);
         assert!(e.contains("mqtt.session_expiry_secs"), "{e}");
+    }
+
+    #[test]
+    fn a_stall_timeout_shorter_than_a_leader_election_is_refused() {
+        let e = invalid(|c| c.stall_timeout_secs = 5);
+        assert!(e.contains("stall_timeout_secs"), "{e}");
     }
 
     #[test]

@@ -5,21 +5,36 @@
 //! MQTT 5 session is persistent (Clean Start off, a Session Expiry Interval, a stable client
 //! id), so whatever the bridge had not acknowledged when it crashed or lost the broker is
 //! delivered again by the broker. A message can therefore reach Kafka twice, never zero times;
-//! the worker's exactly-once store absorbs the duplicates only when they share an offset, so a
-//! device's `seq` lets readers spot the rest.
+//! the worker stores a reading that carries `seq` once however often it reaches Kafka (see
+//! `telemetry_worker::sink`), and readings without `seq` stay at-least-once.
 //!
 //! - [`config`]: settings and their checks.
 //! - [`route`]: MQTT topic filters -> Kafka topic and key.
 //! - [`schema`]: JSON Schema checks for routes that name a schema.
 //! - [`forward`]: one MQTT message -> Kafka record or dead letter.
 //! - [`mqtt`]: the MQTT 5 session options (credentials, TLS, flow control).
+//! - [`session`]: the task that polls the MQTT event loop and nothing else.
 //! - [`metrics`]: every metric's name.
 //!
-//! Acknowledgements go out in the order the messages came (as MQTT requires for QoS 1) from a
-//! task of their own, so the MQTT event loop is never blocked waiting for Kafka. Backpressure is
-//! the MQTT 5 Receive Maximum: the broker sends at most `max_in_flight` messages the bridge has
-//! not acknowledged, so when Kafka stalls the broker holds the rest and the bridge's memory
-//! stays bounded; when Kafka returns, the acknowledgements resume the flow by themselves.
+//! Three tasks, none of which waits on another without a bound:
+//! 1. the session driver ([`session`]) polls rumqttc's event loop all the time, on a thread of
+//!    its own, so keep-alive, acknowledgements and subscriptions go on whatever Kafka does and
+//!    however busy the forwarder is;
+//! 2. the forwarder (this module's [`run`]) hands each message to librdkafka and queues it for
+//!    the acknowledger;
+//! 3. the acknowledger sends PUBACKs in arrival order (as MQTT requires for QoS 1), each after
+//!    Kafka confirmed its record.
+//!
+//! Backpressure is the MQTT 5 Receive Maximum: the broker sends at most `max_in_flight` messages
+//! the bridge has not acknowledged, so when Kafka is slow the broker holds the rest and the
+//! bridge's memory stays bounded; when Kafka returns, the acknowledgements resume the flow by
+//! themselves. A broker that sends more than that (Mosquitto 2.0.11 on a session resume) is not
+//! refused: the bridge holds what it sends, in order, and counts it in
+//! `telemetry_bridge_held_messages`; only the forwarder falls behind, never the session.
+//!
+//! Nothing may wedge unseen: a watchdog fails `/healthz` when messages are held but none has been
+//! settled for `stall_timeout_secs`, so an orchestrator restarts the bridge, and shutdown is
+//! bounded by the drain timeout whatever Kafka or the broker do.
 
 pub mod config;
 pub mod forward;
@@ -27,6 +42,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod route;
 pub mod schema;
+pub mod session;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,24 +51,42 @@ use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, RetainForwardRule, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, EventLoop};
-use telemetry_core::backoff::Backoff;
+use rumqttc::v5::AsyncClient;
 use telemetry_core::observe::{self, Health};
 use telemetry_core::Shutdown;
 use tokio::sync::mpsc;
 
 pub use config::BridgeConfig;
+use metrics::BROKER_STATS;
 use route::Router;
+use session::{Connections, SessionEvent};
 
 /// How long Kafka may leave the oldest record unconfirmed before the bridge reports itself not
 /// ready: longer than a leader election, short enough for an orchestrator to notice an outage.
 const KAFKA_STALL: Duration = Duration::from_secs(10);
 
 /// How long shutdown waits for Kafka to confirm the messages in flight; what is still
-/// unconfirmed then is left unacknowledged and the broker delivers it again.
+/// unconfirmed then is left unacknowledged and the broker delivers it again. With the final
+/// DISCONNECT (2 s) it stays inside the deployments' grace periods (compose 40 s, Kubernetes 45 s).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// While the broker overshoots the Receive Maximum, the gap between two acknowledgements, and
+/// how long a pause must last for the acknowledger to send every acknowledgement owed (see
+/// `acknowledge_in_order`): several broker round trips on one network.
+const ACK_PACE: Duration = Duration::from_millis(5);
+
+/// How long an acknowledgement may wait for room in the client's request queue before the
+/// bridge gives it up (the broker then delivers the message again): far longer than the
+/// session driver needs to drain it, unless the driver is gone.
+const ACK_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Room in the client's request queue. Every acknowledgement goes through it, and the session
+/// driver drains it all the time; a session cannot have more unacknowledged messages than there
+/// are packet ids, so with room for all of them (plus subscriptions) the acknowledger never waits
+/// for room. The queue grows only as far as it is used.
+const REQUEST_QUEUE: usize = u16::MAX as usize + 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
@@ -64,6 +98,8 @@ pub enum BridgeError {
     Mqtt(#[from] mqtt::MqttSetupError),
     #[error("cannot create the Kafka producer: {0}")]
     Producer(KafkaError),
+    #[error("cannot start the MQTT session's thread: {0}")]
+    SessionThread(std::io::Error),
     #[error("kafka refused a record for topic '{topic}' for good ({error}); check that the topic exists and the bridge may write to it. The message was not acknowledged and the broker will deliver it again after restart")]
     Delivery { topic: String, error: KafkaError },
 }
@@ -77,20 +113,84 @@ struct InFlight {
     received: Instant,
 }
 
-/// Counts MQTT connections. A packet id is only meaningful on the connection that used it: after
-/// a reconnect the broker sends the unacknowledged messages again and may give a freed id to a
-/// new message, so an acknowledgement for a message of an earlier connection is skipped (the
-/// message's second delivery is acknowledged instead) rather than risk acknowledging another.
-#[derive(Debug, Clone, Default)]
-struct Connections(Arc<AtomicU64>);
+/// Where the messages the broker sent stand. Each is received (by the session driver), then
+/// confirmed by Kafka, then settled: acknowledged to the broker, or left for it to deliver again
+/// (its connection is gone). `received - confirmed` messages are in the pipeline and hold their
+/// payload; `confirmed - settled` are acknowledgements owed, a packet id each.
+#[derive(Debug, Clone)]
+pub(crate) struct Progress {
+    started: Instant,
+    received: Arc<AtomicU64>,
+    confirmed: Arc<AtomicU64>,
+    settled: Arc<AtomicU64>,
+    /// Milliseconds after `started` of the last confirmation or settlement.
+    last_progress_ms: Arc<AtomicU64>,
+}
 
-impl Connections {
-    fn current(&self) -> u64 {
-        self.0.load(Ordering::Acquire)
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            started: Instant::now(),
+            received: Arc::default(),
+            confirmed: Arc::default(),
+            settled: Arc::default(),
+            last_progress_ms: Arc::default(),
+        }
     }
 
-    fn ended(&self) {
-        self.0.fetch_add(1, Ordering::AcqRel);
+    pub(crate) fn received(&self) {
+        if self.held() == 0 {
+            // Idle until now: the stall clock starts with this message, not at the last one.
+            self.touch();
+        }
+        self.received.fetch_add(1, Ordering::AcqRel);
+        metrics::held(self.in_pipeline());
+    }
+
+    fn confirmed(&self) {
+        self.confirmed.fetch_add(1, Ordering::AcqRel);
+        self.touch();
+        metrics::held(self.in_pipeline());
+    }
+
+    fn settled(&self) {
+        self.settled.fetch_add(1, Ordering::AcqRel);
+        self.touch();
+    }
+
+    /// Messages received so far, to tell whether any arrived since.
+    fn received_so_far(&self) -> u64 {
+        self.received.load(Ordering::Acquire)
+    }
+
+    fn touch(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_progress_ms.store(now, Ordering::Release);
+    }
+
+    /// Messages received and not yet confirmed by Kafka.
+    fn in_pipeline(&self) -> u64 {
+        let confirmed = self.confirmed.load(Ordering::Acquire);
+        self.received
+            .load(Ordering::Acquire)
+            .saturating_sub(confirmed)
+    }
+
+    /// Messages received and not yet settled.
+    fn held(&self) -> u64 {
+        let settled = self.settled.load(Ordering::Acquire);
+        self.received
+            .load(Ordering::Acquire)
+            .saturating_sub(settled)
+    }
+
+    /// How long messages have been held with no progress; zero when none are held.
+    fn stalled_for(&self) -> Duration {
+        if self.held() == 0 {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(self.last_progress_ms.load(Ordering::Acquire));
+        self.started.elapsed().saturating_sub(last)
     }
 }
 
@@ -101,24 +201,41 @@ pub async fn run(config: BridgeConfig, shutdown: Shutdown) -> Result<(), BridgeE
     let health = Health::new();
     health.set("mqtt", false);
     health.set("kafka", true);
+    health.set_live("progress", true);
     observe::serve_http(config.http.listen, health.clone(), shutdown.clone()).await?;
     let producer: FutureProducer = config
         .kafka
         .durable_producer_config()
         .create()
         .map_err(BridgeError::Producer)?;
-    // Every acknowledgement goes through the client's request queue, which only drains while
-    // the event loop is polled. A session cannot have more unacknowledged messages than there
-    // are packet ids, so a queue with room for all of them (plus subscriptions) never fills,
-    // and the acknowledger can never wait on an event loop that waits on it. The queue grows
-    // only as far as it is used.
-    let (client, mut eventloop) = AsyncClient::new(options, u16::MAX as usize + 64);
-    let (in_flight, acks) = mpsc::channel::<InFlight>(2 * config.max_in_flight);
+    let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
     let connections = Connections::default();
+    let progress = Progress::new();
+    // The driver outlives `shutdown`: it must keep turning while the drain acknowledges.
+    let stop_session = Shutdown::new();
+    let (session_events, mut events) = mpsc::unbounded_channel();
+    let driver = session::spawn(
+        eventloop,
+        client.clone(),
+        session_events,
+        connections.clone(),
+        progress.clone(),
+        stop_session.clone(),
+    )
+    .map_err(BridgeError::SessionThread)?;
+    let (in_flight, acks) = mpsc::channel::<InFlight>(2 * config.max_in_flight);
     let acker = tokio::spawn(acknowledge_in_order(
         acks,
         client.clone(),
+        config.max_in_flight as u64,
         connections.clone(),
+        progress.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    let watchdog = tokio::spawn(watch_progress(
+        progress.clone(),
+        Duration::from_secs(config.stall_timeout_secs),
         health.clone(),
         shutdown.clone(),
     ));
@@ -131,43 +248,42 @@ pub async fn run(config: BridgeConfig, shutdown: Shutdown) -> Result<(), BridgeE
         "bridge starting"
     );
 
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut result = Ok(());
-    // One shutdown future for the whole loop, rather than one per event.
-    let stop = shutdown.wait();
-    tokio::pin!(stop);
-    // Subscriptions of the current connection not yet confirmed by a SUBACK.
-    let mut unsubscribed = usize::MAX;
-    while !shutdown.is_triggered() {
+    loop {
         let event = tokio::select! {
             biased;
-            _ = &mut stop => break,
-            event = eventloop.poll() => event,
+            _ = shutdown.wait() => break,
+            event = events.recv() => event,
         };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff.reset();
-                unsubscribed = config.mqtt.subscriptions.len();
+        let Some(event) = event else { break };
+        let (connection, packet) = match event {
+            SessionEvent::Packet { connection, packet } => (connection, packet),
+            SessionEvent::Lost { error, retry_in } => {
+                health.set("mqtt", false);
+                metrics::reconnect();
+                tracing::warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "MQTT connection lost; reconnecting");
+                continue;
+            }
+        };
+        match packet {
+            Packet::ConnAck(ack) => {
                 tracing::info!(
                     session_present = ack.session_present,
                     "connected to the MQTT broker"
                 );
                 // Subscribing again on every connect is harmless and covers a broker that lost
-                // the session. From a task of its own: the request queue drains only while
-                // this loop polls.
-                let subscriber = client.clone();
-                let filters = config.mqtt.subscription_filters();
-                tokio::spawn(async move {
-                    for filter in filters {
-                        if let Err(error) = subscriber.subscribe(&filter, QoS::AtLeastOnce).await {
-                            tracing::error!(%error, %filter, "cannot subscribe");
-                        }
-                    }
-                });
+                // the session.
+                if let Err(error) = client.subscribe_many(subscriptions(&config)).await {
+                    tracing::error!(%error, "cannot subscribe");
+                }
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                metrics::received();
-                let delivery = match produce(&producer, &router, &config, &publish).await {
+            Packet::Publish(publish) => {
+                let produced = tokio::select! {
+                    biased;
+                    _ = shutdown.wait() => break,
+                    produced = produce(&producer, &router, &config, &publish) => produced,
+                };
+                let delivery = match produced {
                     Ok(delivery) => delivery,
                     Err(error) => {
                         result = Err(error);
@@ -177,57 +293,86 @@ pub async fn run(config: BridgeConfig, shutdown: Shutdown) -> Result<(), BridgeE
                 let message = InFlight {
                     publish,
                     delivery,
-                    connection: connections.current(),
+                    connection,
                     received: Instant::now(),
                 };
-                // Blocks only when the broker sent more than its Receive Maximum allows (seen
-                // with Mosquitto 2.0.11 after a long Kafka stall): then the bridge stops reading
-                // the socket until Kafka confirms, and TCP holds the broker back.
-                if in_flight.send(message).await.is_err() {
+                // Waits only while the acknowledger is two windows behind (Kafka slower than
+                // the broker): the session driver keeps the MQTT session alive meanwhile.
+                let queued = tokio::select! {
+                    biased;
+                    _ = shutdown.wait() => break,
+                    queued = in_flight.send(message) => queued,
+                };
+                if queued.is_err() {
                     break;
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(suback))) => {
-                let refused: Vec<_> = suback
-                    .return_codes
-                    .iter()
-                    .filter(|code| !matches!(code, SubscribeReasonCode::Success(_)))
-                    .collect();
-                if refused.is_empty() {
-                    unsubscribed = unsubscribed.saturating_sub(suback.return_codes.len());
+            Packet::SubAck(suback) => {
+                // One SUBSCRIBE, one SUBACK: the telemetry filters' codes come first.
+                let (telemetry, stats) = suback.return_codes.split_at(
+                    config
+                        .mqtt
+                        .subscriptions
+                        .len()
+                        .min(suback.return_codes.len()),
+                );
+                let refused = |codes: &[SubscribeReasonCode]| -> Vec<SubscribeReasonCode> {
+                    codes
+                        .iter()
+                        .filter(|code| !matches!(code, SubscribeReasonCode::Success(_)))
+                        .copied()
+                        .collect()
+                };
+                let telemetry_refused = refused(telemetry);
+                if telemetry_refused.is_empty() {
                     // Ready only once every subscription holds: before that, messages would
                     // reach no one.
-                    if unsubscribed == 0 {
-                        health.set("mqtt", true);
-                    }
+                    health.set("mqtt", true);
                 } else {
-                    tracing::error!(?refused, "the MQTT broker refused a subscription; check the filters, the shared group and the broker's ACL");
+                    tracing::error!(refused = ?telemetry_refused, "the MQTT broker refused a subscription; check the filters, the shared group and the broker's ACL");
+                }
+                let stats_refused = refused(stats);
+                if !stats_refused.is_empty() {
+                    tracing::warn!(refused = ?stats_refused, "the MQTT broker refused its $SYS counters (mqtt.broker_stats); allow the bridge to read them, or turn the setting off");
                 }
             }
-            Ok(Event::Incoming(Packet::Disconnect(disconnect))) => {
+            Packet::Disconnect(disconnect) => {
                 tracing::warn!(reason = ?disconnect.reason_code, "the MQTT broker closed the session");
             }
-            Ok(_) => {}
-            Err(error) => {
-                connections.ended();
-                health.set("mqtt", false);
-                metrics::reconnect();
-                let delay = backoff.next_delay();
-                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "MQTT connection lost; reconnecting");
-                tokio::select! {
-                    _ = shutdown.wait() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
+            _ => {}
         }
     }
-    let drained = drain_and_disconnect(in_flight, acker, client, eventloop).await;
+    // Messages the forwarder did not take stay unacknowledged: the broker keeps them.
+    drop(events);
+    watchdog.abort();
+    let drained = drain(in_flight, acker).await;
+    stop_session.trigger();
+    // The driver sends DISCONNECT and exits within its own 2 s bound.
+    let _ = tokio::task::spawn_blocking(move || driver.join()).await;
+    tracing::info!("bridge stopped");
     result.and(drained)
 }
 
+/// The subscriptions, with Retain Handling 2 (send no retained message on subscribe), then the
+/// broker's counters when `mqtt.broker_stats` is on. The session is persistent, so every message
+/// published while the bridge was away is queued for it anyway; a retained copy sent on each
+/// reconnect would be ingested again every time.
+fn subscriptions(config: &BridgeConfig) -> Vec<Filter> {
+    let telemetry = config.mqtt.subscription_filters().into_iter().map(|path| {
+        let mut filter = Filter::new(path, QoS::AtLeastOnce);
+        filter.retain_forward_rule = RetainForwardRule::Never;
+        filter
+    });
+    // The counters are retained: the current value arrives at once.
+    let stats = BROKER_STATS
+        .iter()
+        .filter(|_| config.mqtt.broker_stats)
+        .map(|(topic, _)| Filter::new(*topic, QoS::AtMostOnce));
+    telemetry.chain(stats).collect()
+}
+
 /// Hands the record to librdkafka and returns the future of its delivery report. Waits while
-/// librdkafka's queue is full, which stalls MQTT reading: backpressure of last resort, as the
-/// Receive Maximum normally keeps the queue far from full.
+/// librdkafka's queue is full: the forwarder falls behind, the MQTT session does not.
 async fn produce(
     producer: &FutureProducer,
     router: &Router,
@@ -264,16 +409,81 @@ async fn produce(
     }
 }
 
-/// Acknowledges messages in arrival order, each after Kafka confirmed it.
+/// An acknowledgement owed to the broker: the packet id, not the payload.
+#[derive(Debug)]
+struct Owed {
+    pkid: u16,
+    qos: QoS,
+    connection: u64,
+}
+
+/// Acknowledges messages in arrival order, each after Kafka confirmed it, and only while fewer
+/// than `window` messages are unconfirmed.
+///
+/// The second rule is what bounds the bridge's memory on a broker that overshoots the Receive
+/// Maximum. Mosquitto 2.0.11, on each in-order PUBACK, moves up to Receive Maximum - 1 queued
+/// messages into flight and sends them (`db__message_delete_outgoing`, eclipse-mosquitto/
+/// mosquitto#2301), so with a backlog at the broker every acknowledgement brings a window more.
+/// So: no acknowledgement while `window` messages are unconfirmed by Kafka; and once the broker
+/// has shown that it overshoots (more than `window` unacknowledged), at most one per
+/// [`ACK_PACE`], so that its answer shows before the next goes out, until a pause shows that it
+/// has nothing more to send. The messages waiting for Kafka, which hold their payload, then stay
+/// near two windows (measured in docs/performance.md, "Overload"); the acknowledgements owed
+/// meanwhile cost a packet id each. On a broker that keeps to the Receive Maximum none is ever
+/// held back.
 async fn acknowledge_in_order(
     mut acks: mpsc::Receiver<InFlight>,
     client: AsyncClient,
+    window: u64,
     connections: Connections,
+    progress: Progress,
     health: Health,
     shutdown: Shutdown,
 ) -> Result<(), BridgeError> {
     let mut kafka_ready = true;
-    while let Some(message) = acks.recv().await {
+    let mut owed: std::collections::VecDeque<Owed> = std::collections::VecDeque::new();
+    // When the last acknowledgement went out, and how many messages had arrived by then: a
+    // broker that overshoots answers an acknowledgement with more messages within a round trip.
+    let mut last_ack = Instant::now();
+    let mut received_at_last_ack = 0;
+    // Nothing arrived for ACK_PACE after the last acknowledgement: the broker has no backlog to
+    // send, so what is owed may all go.
+    let mut quiet = false;
+    loop {
+        // Whether the broker has sent more than the window (held counts what is owed too).
+        let overshot = progress.held() > window;
+        while !owed.is_empty() && progress.in_pipeline() < window {
+            let paced = overshot && !quiet;
+            if paced && last_ack.elapsed() < ACK_PACE {
+                break;
+            }
+            if let Some(ack) = owed.pop_front() {
+                settle(&client, &connections, &progress, ack).await;
+            }
+            last_ack = Instant::now();
+            received_at_last_ack = progress.received_so_far();
+            // One acknowledgement per ACK_PACE while the broker overshoots: its answer (up to
+            // a window more) shows before the next goes out.
+            if paced {
+                break;
+            }
+        }
+        metrics::acks_owed(owed.len());
+        let next = if owed.is_empty() {
+            acks.recv().await
+        } else {
+            match tokio::time::timeout(ACK_PACE, acks.recv()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    quiet = progress.received_so_far() == received_at_last_ack;
+                    continue;
+                }
+            }
+        };
+        quiet = false;
+        let Some(message) = next else {
+            break;
+        };
         metrics::in_flight(acks.len() + 1);
         let mut delivery = message.delivery;
         // Most reports are in by now: take them without arming a timer.
@@ -306,67 +516,112 @@ async fn acknowledge_in_order(
                     tracing::info!("kafka confirms records again");
                 }
                 metrics::delivered(message.received.elapsed());
-                if message.publish.qos == QoS::AtMostOnce {
-                    continue;
-                }
-                if message.connection != connections.current() {
-                    metrics::stale_ack_skipped();
-                    continue;
-                }
-                // Fails only when the event loop is gone; the broker then delivers it again.
-                let _ = client.ack(&message.publish).await;
+                progress.confirmed();
+                owed.push_back(Owed {
+                    pkid: message.publish.pkid,
+                    qos: message.publish.qos,
+                    connection: message.connection,
+                });
             }
             Ok(Err((error, record))) => {
                 let topic = rdkafka::Message::topic(&record).to_owned();
                 tracing::error!(%error, %topic, "kafka refused a record; stopping without acknowledging it");
                 shutdown.trigger();
+                flush_owed(&client, &connections, &progress, owed).await;
                 return Err(BridgeError::Delivery { topic, error });
             }
             // The producer is gone, which only happens on the way out.
-            Err(_canceled) => return Ok(()),
+            Err(_canceled) => break,
         }
     }
+    // On the way out every confirmed message is acknowledged: nothing more will arrive to be
+    // paced, and an acknowledgement left unsent only makes a duplicate.
+    flush_owed(&client, &connections, &progress, owed).await;
     Ok(())
 }
 
-/// Lets the acknowledger finish what Kafka confirms, keeps the event loop turning so the
-/// acknowledgements reach the broker, then disconnects cleanly.
-async fn drain_and_disconnect(
-    in_flight: mpsc::Sender<InFlight>,
-    acker: tokio::task::JoinHandle<Result<(), BridgeError>>,
-    client: AsyncClient,
-    mut eventloop: EventLoop,
-) -> Result<(), BridgeError> {
-    drop(in_flight);
-    let acked = async {
-        let mut acker = acker;
-        loop {
-            tokio::select! {
-                result = &mut acker => return result.unwrap_or(Ok(())),
-                // Publishes arriving now are left unacknowledged; the broker keeps them.
-                polled = eventloop.poll() => {
-                    if polled.is_err() {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
+async fn flush_owed(
+    client: &AsyncClient,
+    connections: &Connections,
+    progress: &Progress,
+    owed: std::collections::VecDeque<Owed>,
+) {
+    for ack in owed {
+        settle(client, connections, progress, ack).await;
+    }
+}
+
+/// Sends the acknowledgement, or skips it when its connection is gone (the broker delivers the
+/// message again on the new one).
+async fn settle(client: &AsyncClient, connections: &Connections, progress: &Progress, ack: Owed) {
+    progress.settled();
+    if ack.qos == QoS::AtMostOnce {
+        return;
+    }
+    if ack.connection != connections.current() {
+        metrics::stale_ack_skipped();
+        return;
+    }
+    // rumqttc reads only the packet id and QoS of the message it acknowledges.
+    let mut publish = Publish::new("", ack.qos, Vec::new(), None);
+    publish.pkid = ack.pkid;
+    // rumqttc sends one request per turn of its event loop, and a turn that reads the network
+    // takes in up to ten packets, so under a flood of messages acknowledgements queue up here:
+    // wait for room rather than drop one. The session driver drains the queue on its own thread,
+    // so the wait ends unless the driver is gone; then the broker delivers the message again.
+    match tokio::time::timeout(ACK_QUEUE_TIMEOUT, client.ack(&publish)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) | Err(_) => tracing::warn!(
+            "cannot queue an MQTT acknowledgement; the broker will deliver the message again"
+        ),
+    }
+}
+
+/// Fails liveness while messages are held and none has been settled for `limit`: whatever the
+/// cause (a wedged task, a Kafka client that stopped answering), a restart hands the held
+/// messages back to the broker, which delivers them again.
+async fn watch_progress(progress: Progress, limit: Duration, health: Health, shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stuck = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.wait() => return,
+            _ = tick.tick() => {}
+        }
+        let stalled_for = progress.stalled_for();
+        if (stalled_for >= limit) != stuck {
+            stuck = !stuck;
+            health.set_live("progress", !stuck);
+            if stuck {
+                tracing::error!(
+                    held = progress.held(),
+                    stalled_s = stalled_for.as_secs(),
+                    "no message settled while messages are held; /healthz now fails so the bridge is restarted"
+                );
             }
         }
-    };
-    let result = match tokio::time::timeout(DRAIN_TIMEOUT, acked).await {
-        Ok(result) => result,
+    }
+}
+
+/// Lets the acknowledger finish what Kafka confirms within the drain timeout. The session
+/// driver is still turning, so the acknowledgements reach the broker.
+async fn drain(
+    in_flight: mpsc::Sender<InFlight>,
+    acker: tokio::task::JoinHandle<Result<(), BridgeError>>,
+) -> Result<(), BridgeError> {
+    drop(in_flight);
+    let abort = acker.abort_handle();
+    match tokio::time::timeout(DRAIN_TIMEOUT, acker).await {
+        Ok(result) => result.unwrap_or(Ok(())),
         Err(_) => {
+            abort.abort();
             tracing::warn!(
                 waited_s = DRAIN_TIMEOUT.as_secs(),
                 "kafka did not confirm the messages in flight; the broker will deliver them again"
             );
             Ok(())
         }
-    };
-    let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while eventloop.poll().await.is_ok() {}
-    })
-    .await;
-    tracing::info!("bridge stopped");
-    result
+    }
 }

@@ -84,9 +84,10 @@ fn load_config(cli: &Cli) -> Result<BridgeConfig, config::ConfigError> {
     })
 }
 
-// One thread: the bridge's work is one MQTT event loop and one acknowledger in step with it,
-// so a second worker thread bought no parallelism, only a cross-thread wake-up (a context
-// switch) per message between them (docs/performance.md, "Bridge").
+// One thread for the forwarder and the acknowledger, which work in step, so a second worker
+// thread bought no parallelism, only a cross-thread wake-up per message between them
+// (docs/performance.md, "Bridge"). The MQTT session's event loop runs on a thread of its own
+// (see telemetry_bridge::session), so that it is never starved by them.
 #[tokio::main(flavor = "current_thread")]
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = load_config(&cli)?;

@@ -6,8 +6,9 @@
 //! - Receive Maximum = `max_in_flight`: the broker never has more unacknowledged messages out
 //!   to the bridge than that, so a slow Kafka holds messages back at the broker, not in the
 //!   bridge's memory.
-//! - Maximum Packet Size = `max_payload_bytes` + 64 KiB, so an oversize payload still arrives
-//!   to be dead-lettered, while a payload far beyond it is dropped by the broker, not buffered.
+//! - Maximum Packet Size = [`MAX_PACKET_BYTES`], above what the brokers accept, so every message
+//!   a broker acknowledged reaches the bridge: an oversize payload is dead-lettered here, and
+//!   one beyond the broker's limit is refused at the door.
 
 use std::path::Path;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use rumqttc::v5::MqttOptions;
 use rumqttc::{TlsConfiguration, Transport};
 
-use crate::config::BridgeConfig;
+use crate::config::{BridgeConfig, MAX_PACKET_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttSetupError {
@@ -39,7 +40,7 @@ pub fn options(config: &BridgeConfig) -> Result<MqttOptions, MqttSetupError> {
         .set_manual_acks(true)
         .set_keep_alive(Duration::from_secs(mqtt.keep_alive_secs))
         .set_receive_maximum(Some(config.max_in_flight.min(u16::MAX as usize) as u16))
-        .set_max_packet_size(Some(config.max_packet_bytes()))
+        .set_max_packet_size(Some(MAX_PACKET_BYTES))
         .set_connection_timeout(10);
     if let Some(username) = &mqtt.username {
         let password = mqtt.resolved_password()?;

@@ -51,10 +51,10 @@ async fn a_kafka_broker_frozen_for_ten_seconds_under_load_loses_nothing_and_hold
         config.max_in_flight
     );
     // The Receive Maximum asks the broker for at most `max_in_flight` unacknowledged messages.
-    // Mosquitto 2.0.11 sends more after a stall, so the bridge's own bound is what holds: its
-    // in-flight queue (twice the window), one message waiting to enter it and one the
-    // acknowledger waits on. Either way the thousands published during the freeze wait at the
-    // broker, not in the bridge.
+    // Mosquitto 2.0.11 answers an acknowledgement with up to a window more, so the bridge paces
+    // its acknowledgements: none while a window is unconfirmed, and none at all once Kafka stops
+    // confirming. The thousands published during the freeze wait at the broker, not in the
+    // bridge.
     let bound = 2 * config.max_in_flight + 2;
     assert!(
         widest_gap <= bound as f64,
@@ -92,4 +92,58 @@ async fn the_bridge_reconnects_and_resumes_after_the_mqtt_broker_restarts_under_
     println!("MQTT broker restart: the bridge reconnected after {reconnects} failed polls");
     assert!(reconnects >= 1.0, "the bridge noticed the restart");
     tally.assert_nothing_lost("MQTT broker restarted during load");
+}
+
+/// Kafka stops answering for longer than the stall timeout while messages are held: the bridge
+/// says so on /healthz (so an orchestrator restarts it), still stops on SIGTERM within its drain
+/// timeout, and after Kafka returns a new bridge delivers everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_that_settles_nothing_for_its_stall_timeout_fails_healthz_and_stops_on_sigterm() {
+    let tansu = Tansu::start().expect("private Kafka broker");
+    let kafka = topics(&tansu, 3);
+    let port = shared().mosquitto.port();
+    let mut fleet = Fleet::new(4);
+    let mut config = bridge_config(&kafka, port, vec![fleet.filter()]);
+    config.stall_timeout_secs = 30;
+    let mut bridge = BridgeProcess::start(&config, &[]);
+    bridge.wait_ready().await;
+    fleet.start(port, 1500, Duration::from_millis(2));
+    fleet.wait_for_acks(500).await;
+    assert_eq!(
+        common::http_get(bridge.http_port, "/healthz")
+            .await
+            .map(|(s, _)| s),
+        Some(200)
+    );
+
+    tansu.pause();
+    let frozen = Instant::now();
+    loop {
+        let health = common::http_get(bridge.http_port, "/healthz").await;
+        if health.as_ref().map(|(status, _)| *status) == Some(503) {
+            let (_, body) = health.unwrap();
+            assert!(body.contains("progress: failing"), "{body}");
+            break;
+        }
+        assert!(
+            frozen.elapsed() < Duration::from_secs(90),
+            "/healthz still answers {health:?} after {:?} with nothing settled; log:\n{}",
+            frozen.elapsed(),
+            bridge.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!("/healthz failed {:?} after Kafka froze", frozen.elapsed());
+    // SIGTERM with Kafka still frozen: the drain gives up after its timeout, nothing is
+    // acknowledged that Kafka did not confirm, and the process exits (within 40 s, or
+    // `terminate` fails the test).
+    bridge.terminate();
+    tansu.resume();
+
+    bridge.restart();
+    bridge.wait_ready().await;
+    let acked = fleet.finish().await;
+    let tally = tally(&kafka, &fleet.user, &acked);
+    bridge.terminate();
+    tally.assert_nothing_lost("kafka frozen past the stall timeout, bridge stopped and restarted");
 }

@@ -1,6 +1,7 @@
 //! Logs, metrics and health, the same for every stage.
 //!
-//! Each process serves `/metrics` (Prometheus text), `/healthz` (the process is alive) and
+//! Each process serves `/metrics` (Prometheus text), `/healthz` (the process is alive: every
+//! stage with work pending makes progress) and
 //! `/readyz` (every dependency it needs is reachable right now). Readiness is a set of named
 //! checks that the stages flip as they lose and regain their servers, so an orchestrator stops
 //! routing to, or scaling on, a replica that is waiting out an outage.
@@ -113,10 +114,14 @@ fn start_upkeep(handle: PrometheusHandle) {
     }
 }
 
-/// Named readiness checks. The process is ready when every registered check passes.
+/// Named readiness checks, and named liveness checks. The process is ready when every registered
+/// readiness check passes; it is alive (`/healthz`) while no liveness check fails. A liveness
+/// check fails only for a state a restart cures (a stage that stopped making progress), never
+/// for an outage of a dependency, which readiness reports.
 #[derive(Debug, Clone, Default)]
 pub struct Health {
     checks: Arc<Mutex<BTreeMap<&'static str, bool>>>,
+    live: Arc<Mutex<BTreeMap<&'static str, bool>>>,
 }
 
 impl Health {
@@ -129,6 +134,37 @@ impl Health {
         let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
         if checks.insert(check, ok) != Some(ok) {
             tracing::info!(check, ok, "readiness changed");
+        }
+    }
+
+    /// Records whether liveness check `check` (e.g. `progress`) passes right now.
+    pub fn set_live(&self, check: &'static str, ok: bool) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.insert(check, ok) != Some(ok) {
+            if ok {
+                tracing::info!(check, "liveness restored");
+            } else {
+                tracing::error!(check, "liveness check failing: /healthz answers 503");
+            }
+        }
+    }
+
+    pub fn is_alive(&self) -> bool {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.values().all(|ok| *ok)
+    }
+
+    fn liveness_report(&self) -> String {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let failing: String = live
+            .iter()
+            .filter(|(_, ok)| !**ok)
+            .map(|(name, _)| format!("{name}: failing\n"))
+            .collect();
+        if failing.is_empty() {
+            "ok\n".into()
+        } else {
+            failing
         }
     }
 
@@ -168,7 +204,7 @@ pub async fn serve_http(
         .map_err(|source| ObserveError::Bind { addr, source })?;
     let app = Router::new()
         .route("/metrics", get(render_metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(liveness))
         .route("/readyz", get(readiness))
         .with_state(AppState { health, metrics });
     tokio::spawn(async move {
@@ -184,6 +220,15 @@ pub async fn serve_http(
 
 async fn render_metrics(State(state): State<AppState>) -> String {
     state.metrics.render()
+}
+
+async fn liveness(State(state): State<AppState>) -> (StatusCode, String) {
+    let status = if state.health.is_alive() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, state.health.liveness_report())
 }
 
 async fn readiness(State(state): State<AppState>) -> (StatusCode, String) {
@@ -274,6 +319,18 @@ mod tests {
         health.set("postgres", true);
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
         assert!(get("/metrics").await.contains("observe_test_total 3"));
+        // A stage that stopped making progress fails liveness, so an orchestrator restarts it;
+        // an outage (readiness) never does.
+        health.set("postgres", false);
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+        health.set_live("progress", false);
+        let dead = get("/healthz").await;
+        assert!(
+            dead.starts_with("HTTP/1.1 503") && dead.contains("progress: failing"),
+            "{dead}"
+        );
+        health.set_live("progress", true);
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
         shutdown.trigger();
     }
 }

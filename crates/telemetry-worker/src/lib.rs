@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod copy;
+pub mod dedup;
 pub mod dlq;
 pub mod ingest;
 pub mod metrics;

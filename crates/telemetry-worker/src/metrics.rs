@@ -10,6 +10,9 @@ use telemetry_core::contract::DeadLetterReason;
 pub const RECORDS_CONSUMED: &str = "telemetry_worker_records_consumed_total";
 pub const ROWS_WRITTEN: &str = "telemetry_worker_rows_written_total";
 pub const ROWS_SKIPPED: &str = "telemetry_worker_rows_skipped_total";
+/// Records not stored because they are copies of a reading stored already (same device, `seq`
+/// and payload): MQTT redeliveries and device retries. Counted in rows skipped too.
+pub const COPIES_DROPPED: &str = "telemetry_worker_copies_dropped_total";
 pub const DEAD_LETTERS: &str = "telemetry_worker_dead_letters_total";
 pub const BATCH_SIZE: &str = "telemetry_worker_batch_records";
 pub const FLUSH_LATENCY: &str = "telemetry_worker_flush_seconds";
@@ -27,6 +30,10 @@ pub fn flushed(batch_records: usize, written: u64, skipped: u64, took: Duration)
     metrics::histogram!(FLUSH_LATENCY).record(took.as_secs_f64());
     metrics::counter!(ROWS_WRITTEN).increment(written);
     metrics::counter!(ROWS_SKIPPED).increment(skipped);
+}
+
+pub fn copies_dropped(count: usize) {
+    metrics::counter!(COPIES_DROPPED).increment(count as u64);
 }
 
 pub fn dead_letter(reason: DeadLetterReason) {

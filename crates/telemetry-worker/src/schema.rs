@@ -52,6 +52,11 @@ pub const MIGRATIONS: Migrations = Migrations {
             name: "alerts_released",
             sql: telemetry_alerts::RELEASE_SQL,
         },
+        Migration {
+            version: 7,
+            name: "device_sequences",
+            sql: include_str!("../migrations/0007_device_sequences.sql"),
+        },
     ],
 };
 

@@ -8,7 +8,8 @@
 //!    wait for the new owner and then see what the new owner stored;
 //! 2. drop records below each partition's `next_offset`: they are already stored (inside a
 //!    replay window, see migration 0002, a record is stored again only if its row is missing);
-//! 3. COPY the rest; if PostgreSQL rejects the data, roll back and store the batch again,
+//! 3. drop the copies of readings stored already, by device and `seq` (see [`crate::dedup`]);
+//!    COPY the rest; if PostgreSQL rejects the data, roll back and store the batch again,
 //!    bisecting under savepoints to find the rows it rejects, and dead-letter those alone;
 //! 4. upsert `device_latest` once per device; send dead letters and wait for the broker to
 //!    confirm them;
@@ -43,6 +44,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::Transaction;
 
 use crate::copy;
+use crate::dedup;
 use crate::dlq::DeadLetterProducer;
 use crate::metrics;
 use crate::record::{Batch, DeadLetter, Row};
@@ -71,7 +73,7 @@ pub enum SinkError {
     RowsRejected,
 }
 
-fn step(step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SinkError {
+pub(crate) fn step(step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SinkError {
     move |source| SinkError::Postgres { step, source }
 }
 
@@ -234,9 +236,14 @@ impl Sink {
             }
         }
         let replayed = missing_rows(&tx, replayed).await?;
-        let skipped = batch.rows.len() - fresh.len() - replayed.len();
         // Replayed rows come first: they are older than every fresh row of their partition.
-        let to_copy: Vec<&Row> = replayed.iter().chain(fresh.iter()).copied().collect();
+        let candidates: Vec<&Row> = replayed.iter().chain(fresh.iter()).copied().collect();
+        let (to_copy, copies) = dedup::drop_copies(&tx, candidates).await?;
+        let replayed_kept = to_copy
+            .iter()
+            .take_while(|row| classify(row.partition, row.offset) == Disposition::Replay)
+            .count();
+        let skipped = batch.rows.len() - to_copy.len();
         let rejected = copy_rows(&mut tx, &to_copy, mode).await?;
         // Dead letters of a replay window were sent when the records were first read.
         let mut dead: Vec<&DeadLetter> = batch
@@ -248,7 +255,7 @@ impl Sink {
             .into_iter()
             .map(|(i, detail)| (i, rejected_letter(to_copy[i], detail)))
             .collect();
-        let first_fresh = replayed.len();
+        let first_fresh = replayed_kept;
         dead.extend(
             rejected
                 .iter()
@@ -287,13 +294,17 @@ impl Sink {
             self.dead_letters.send_all(dead.iter().copied()).await?;
             Ok(())
         };
-        let ((), alerts, (), ()) = futures::try_join!(
+        let ((), alerts, (), (), ()) = futures::try_join!(
             latest,
             alerts,
             letters,
+            dedup::advance_sequences(&tx, stored.iter().copied()),
             advance_offsets(&tx, &self.topic, &batch.next_offsets)
         )?;
         tx.commit().await.map_err(step("committing the batch"))?;
+        if copies > 0 {
+            metrics::copies_dropped(copies);
+        }
         metrics::record_age(to_copy.iter().map(|row| row.received_at));
         if let (Some(stage), false) = (&self.alerts, alerts.is_empty()) {
             telemetry_alerts::metrics::events_committed(&alerts);
@@ -522,7 +533,7 @@ async fn upsert_device_latest<'a>(
 }
 
 /// Payloads passed the contract's JSON decoding, so they are UTF-8.
-fn payload_text(payload: &[u8]) -> &str {
+pub(crate) fn payload_text(payload: &[u8]) -> &str {
     std::str::from_utf8(payload).unwrap_or("{}")
 }
 

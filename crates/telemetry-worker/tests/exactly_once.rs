@@ -157,7 +157,7 @@ async fn offsets_reset_with_kafka_tools_make_the_worker_read_again_without_dupli
     kill9(&mut worker);
     assert_eq!(stored, records.len() as i64);
     fixture.assert_stored_exactly_once(&records).await;
-    let skipped = support::metric_value(&metrics, "telemetry_worker_rows_skipped_total");
+    let skipped = test_servers::metric_value(&metrics, "telemetry_worker_rows_skipped_total");
     assert!(
         skipped >= 2_000.0,
         "the worker read the reset range again and skipped it: {skipped}"
@@ -215,4 +215,70 @@ async fn a_replay_refuses_to_run_while_the_group_has_members() {
         .expect_err("a replay while a worker runs");
     assert!(error.to_string().contains("stop every worker"), "{error}");
     worker.stop().await;
+}
+
+/// What a bridge crash, an MQTT reconnect or a device retry puts in Kafka: the same reading at
+/// two offsets, sometimes in one batch, sometimes far apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_that_reaches_kafka_twice_is_stored_once_and_a_restarted_sequence_is_kept() {
+    let fixture = Fixture::new(2);
+    let records = fixture.records(3_000, 6);
+    // Each record, then right behind it a copy of every fifth one (the same batch), then copies
+    // of every seventh one after all of them (later batches).
+    let mut sent = Vec::new();
+    for (n, record) in records.iter().enumerate() {
+        sent.push(record.clone());
+        if n % 5 == 0 {
+            sent.push(record.clone());
+        }
+    }
+    sent.extend(records.iter().step_by(7).cloned());
+    // A device that rebooted: its sequence starts again at 0, with readings of its own.
+    let rebooted: Vec<_> = (0..3)
+        .map(|seq| support::Record {
+            key: fixture.key(0),
+            payload: format!(r#"{{"seq":{seq},"temperature":99.5}}"#),
+            received_at_ms: Some(1_764_100_000_000 + seq),
+        })
+        .collect();
+    sent.extend(rebooted.iter().cloned());
+    // Without seq nothing tells a copy from an equal reading: both are stored.
+    let unnumbered = support::Record {
+        key: fixture.key(1),
+        payload: r#"{"temperature":7.5}"#.into(),
+        received_at_ms: Some(1_764_200_000_000),
+    };
+    sent.push(unnumbered.clone());
+    sent.push(unnumbered);
+    fixture.produce(&sent).await;
+
+    let expected = records.len() + rebooted.len() + 2;
+    let worker = fixture.start_worker(&unique_name("group"));
+    let stored = fixture.wait_for_rows(expected as i64, TWO_MINUTES).await;
+    worker.stop().await;
+    assert_eq!(stored, expected as i64, "{} records sent", sent.len());
+
+    let client = fixture.database().await;
+    let copies: i64 = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT 1 FROM raw_telemetry WHERE seq IS NOT NULL
+             GROUP BY user_id, device_id, seq, payload HAVING count(*) > 1) AS c",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(copies, 0, "readings with seq stored more than once");
+    let rebooted_rows: i64 = client
+        .query_one(
+            "SELECT count(*) FROM raw_telemetry WHERE payload->>'temperature' = '99.5'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        rebooted_rows, 3,
+        "the restarted sequence's readings are all stored"
+    );
 }

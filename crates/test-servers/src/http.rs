@@ -24,3 +24,15 @@ pub fn free_addr() -> SocketAddr {
     let port = crate::process::free_port().expect("a free loopback port");
     SocketAddr::from(([127, 0, 0, 1], port))
 }
+
+/// The value of a counter or gauge in a Prometheus text page, summed over its label sets; 0 when
+/// the page has none.
+pub fn metric_value(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

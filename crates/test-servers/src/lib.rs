@@ -37,9 +37,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::thread;
 
-pub use child::KillOnDrop;
+pub use child::{terminate, KillOnDrop};
 pub use error::Error;
-pub use http::{free_addr, http_get};
+pub use http::{free_addr, http_get, metric_value};
 pub use logs::log_dir;
 pub use mosquitto::Mosquitto;
 pub use pgbouncer::PgBouncer;

@@ -187,24 +187,13 @@ impl BridgeProcess {
     /// SIGTERM, then waits for a clean exit.
     pub fn terminate(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(40);
-            loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    assert!(
-                        status.success(),
-                        "bridge exited with {status}; log:\n{}",
-                        self.log_text()
-                    );
-                    return;
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    panic!("bridge did not stop within 40 s; log:\n{}", self.log_text());
-                }
-                std::thread::sleep(Duration::from_millis(50));
+            match test_servers::terminate(&mut child, Duration::from_secs(40)) {
+                Some(status) => assert!(
+                    status.success(),
+                    "bridge exited with {status}; log:\n{}",
+                    self.log_text()
+                ),
+                None => panic!("bridge did not stop within 40 s; log:\n{}", self.log_text()),
             }
         }
     }
@@ -230,15 +219,7 @@ impl BridgeProcess {
             .unwrap_or_default();
         names
             .iter()
-            .map(|name| {
-                body.lines()
-                    .filter(|line| {
-                        line.strip_prefix(name)
-                            .is_some_and(|rest| rest.starts_with([' ', '{']))
-                    })
-                    .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-                    .sum()
-            })
+            .map(|name| test_servers::metric_value(&body, name))
             .collect()
     }
 }
@@ -430,6 +411,10 @@ pub fn tally(kafka: &KafkaConfig, user: &str, acked: &BTreeSet<Acked>) -> Tally 
         })
     };
     let records = read_topic(kafka, &kafka.topic, Duration::from_secs(120), |records| {
+        // Checked after every record read: only parse them all once there can be enough.
+        if records.len() < acked.len() {
+            return false;
+        }
         let seen: BTreeSet<Acked> = records.iter().filter_map(parse).collect();
         acked.iter().all(|a| seen.contains(a))
     });
@@ -478,4 +463,60 @@ pub fn write(path: &Path, contents: &str) {
     }
     let mut file = std::fs::File::create(path).unwrap();
     file.write_all(contents.as_bytes()).unwrap();
+}
+
+impl Fleet {
+    /// Every device publishes `per_device` messages as fast as the broker takes them, up to 100
+    /// unacknowledged at a time on its connection, and returns once all are acknowledged. The
+    /// broker acknowledges in order, so the n-th PUBACK is for the n-th message.
+    pub async fn flood(&mut self, port: u16, per_device: u64) -> BTreeSet<Acked> {
+        let floods: Vec<_> = (0..self.devices)
+            .map(|device| {
+                let topic = format!("users/{}/devices/d{device}/telemetry", self.user);
+                tokio::spawn(flood_one(port, unique_name("device"), topic, per_device))
+            })
+            .collect();
+        let mut acked = BTreeSet::new();
+        for (device, flood) in floods.into_iter().enumerate() {
+            let count = tokio::time::timeout(Duration::from_secs(300), flood)
+                .await
+                .expect("a device's flood finishes within 300 s")
+                .expect("flood task");
+            acked.extend((0..count).map(|seq| Acked { device, seq }));
+        }
+        acked
+    }
+}
+
+async fn flood_one(port: u16, client_id: String, topic: String, count: u64) -> u64 {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options
+        .set_keep_alive(Duration::from_secs(5))
+        .set_inflight(100);
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    let publisher = tokio::spawn(async move {
+        for seq in 0..count {
+            let payload = format!(r#"{{"seq":{seq},"temperature":{}.5}}"#, seq % 40);
+            client
+                .publish(&topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+        client
+    });
+    let mut pubacks = 0;
+    while pubacks < count {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::PubAck(_))) => pubacks += 1,
+            Ok(_) => {}
+            Err(error) => panic!("flood connection failed after {pubacks} PUBACKs: {error}"),
+        }
+    }
+    let client = publisher.await.unwrap();
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+    pubacks
 }

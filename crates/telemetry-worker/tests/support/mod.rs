@@ -387,14 +387,3 @@ pub async fn produce(producer: &FutureProducer, topic: &str, records: &[Record])
         result.map_err(|(e, _)| e).expect("record produced");
     }
 }
-
-/// The value of a counter or gauge in a Prometheus text page, summed over its label sets.
-pub fn metric_value(page: &str, name: &str) -> f64 {
-    page.lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
