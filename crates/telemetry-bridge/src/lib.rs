@@ -72,9 +72,9 @@ const KAFKA_STALL: Duration = Duration::from_secs(10);
 /// DISCONNECT (2 s) it stays inside the deployments' grace periods (compose 40 s, Kubernetes 45 s).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// While the broker overshoots the Receive Maximum, the gap between two acknowledgements, and
-/// how long a pause must last for the acknowledger to send every acknowledgement owed (see
-/// `acknowledge_in_order`): several broker round trips on one network.
+/// While the broker overshoots the Receive Maximum, the gap between two rounds of
+/// acknowledgements, long enough for the broker's answer to one round to arrive before the next
+/// (see `acknowledge_in_order`): several broker round trips on one network.
 const ACK_PACE: Duration = Duration::from_millis(5);
 
 /// How long an acknowledgement may wait for room in the client's request queue before the
@@ -409,6 +409,64 @@ async fn produce(
     }
 }
 
+/// How many of the acknowledgements owed may go now (see `acknowledge_in_order`).
+#[derive(Debug)]
+struct Pacer {
+    window: u64,
+    /// Whether the broker overshoots: the rounds are paced.
+    pacing: bool,
+    /// When the last paced round went out, how many acknowledgements it had, and how many
+    /// messages had arrived by then: the broker's answer is what arrives after it.
+    last_round: Instant,
+    last_round_acks: u64,
+    received_at_last_round: u64,
+}
+
+impl Pacer {
+    fn new(window: u64) -> Self {
+        Pacer {
+            window,
+            pacing: false,
+            last_round: Instant::now(),
+            last_round_acks: 0,
+            received_at_last_round: 0,
+        }
+    }
+
+    fn budget(&mut self, progress: &Progress, owed: usize) -> usize {
+        let owed = owed as u64;
+        let pipeline = progress.in_pipeline();
+        if owed == 0 || pipeline >= self.window {
+            return 0;
+        }
+        let room = self.window - pipeline;
+        // A broker that keeps to the window never has more than it unacknowledged.
+        if progress.held() <= self.window {
+            self.pacing = false;
+            return owed.min(room) as usize;
+        }
+        if self.pacing && self.last_round.elapsed() < ACK_PACE {
+            return 0;
+        }
+        // What one acknowledgement of the last round brought; a full window until measured.
+        let answered = progress.received_so_far() - self.received_at_last_round;
+        let per_ack = match (self.pacing, self.last_round_acks) {
+            (true, acks) if acks > 0 => (answered / acks).max(1),
+            _ => self.window,
+        };
+        self.pacing = true;
+        owed.min((room / per_ack).max(1)) as usize
+    }
+
+    fn sent(&mut self, progress: &Progress, acks: usize) {
+        if self.pacing && acks > 0 {
+            self.last_round = Instant::now();
+            self.last_round_acks = acks as u64;
+            self.received_at_last_round = progress.received_so_far();
+        }
+    }
+}
+
 /// An acknowledgement owed to the broker: the packet id, not the payload.
 #[derive(Debug)]
 struct Owed {
@@ -424,13 +482,16 @@ struct Owed {
 /// Maximum. Mosquitto 2.0.11, on each in-order PUBACK, moves up to Receive Maximum - 1 queued
 /// messages into flight and sends them (`db__message_delete_outgoing`, eclipse-mosquitto/
 /// mosquitto#2301), so with a backlog at the broker every acknowledgement brings a window more.
-/// So: no acknowledgement while `window` messages are unconfirmed by Kafka; and once the broker
-/// has shown that it overshoots (more than `window` unacknowledged), at most one per
-/// [`ACK_PACE`], so that its answer shows before the next goes out, until a pause shows that it
-/// has nothing more to send. The messages waiting for Kafka, which hold their payload, then stay
-/// near two windows (measured in docs/performance.md, "Overload"); the acknowledgements owed
-/// meanwhile cost a packet id each. On a broker that keeps to the Receive Maximum none is ever
-/// held back.
+/// So the acknowledgements are paced ([`Pacer`]): none while `window` messages are unconfirmed by
+/// Kafka; and once the broker has shown that it overshoots (more than `window` unacknowledged),
+/// in rounds [`ACK_PACE`] apart, each as many as the room left in the window divided by what one
+/// acknowledgement of the previous round brought (at least one). While the broker has a backlog
+/// that is one acknowledgement a round and the pipeline stays near two windows; when it has
+/// none, an acknowledgement brings next to nothing and the rounds grow until nothing is owed.
+/// The messages waiting for Kafka hold their payload; the acknowledgements owed meanwhile cost a
+/// packet id each here (measured in docs/performance.md, "Overload"), and at the broker the
+/// messages it keeps until they come: a reconnect then has the broker deliver them again, copies
+/// the worker drops. On a broker that keeps to the Receive Maximum none is ever held back.
 async fn acknowledge_in_order(
     mut acks: mpsc::Receiver<InFlight>,
     client: AsyncClient,
@@ -442,45 +503,25 @@ async fn acknowledge_in_order(
 ) -> Result<(), BridgeError> {
     let mut kafka_ready = true;
     let mut owed: std::collections::VecDeque<Owed> = std::collections::VecDeque::new();
-    // When the last acknowledgement went out, and how many messages had arrived by then: a
-    // broker that overshoots answers an acknowledgement with more messages within a round trip.
-    let mut last_ack = Instant::now();
-    let mut received_at_last_ack = 0;
-    // Nothing arrived for ACK_PACE after the last acknowledgement: the broker has no backlog to
-    // send, so what is owed may all go.
-    let mut quiet = false;
+    let mut pacer = Pacer::new(window);
     loop {
-        // Whether the broker has sent more than the window (held counts what is owed too).
-        let overshot = progress.held() > window;
-        while !owed.is_empty() && progress.in_pipeline() < window {
-            let paced = overshot && !quiet;
-            if paced && last_ack.elapsed() < ACK_PACE {
-                break;
-            }
-            if let Some(ack) = owed.pop_front() {
-                settle(&client, &connections, &progress, ack).await;
-            }
-            last_ack = Instant::now();
-            received_at_last_ack = progress.received_so_far();
-            // One acknowledgement per ACK_PACE while the broker overshoots: its answer (up to
-            // a window more) shows before the next goes out.
-            if paced {
-                break;
-            }
+        let budget = pacer.budget(&progress, owed.len());
+        let mut sent = 0;
+        while sent < budget {
+            let Some(ack) = owed.pop_front() else { break };
+            settle(&client, &connections, &progress, ack).await;
+            sent += 1;
         }
+        pacer.sent(&progress, sent);
         metrics::acks_owed(owed.len());
         let next = if owed.is_empty() {
             acks.recv().await
         } else {
             match tokio::time::timeout(ACK_PACE, acks.recv()).await {
                 Ok(next) => next,
-                Err(_) => {
-                    quiet = progress.received_so_far() == received_at_last_ack;
-                    continue;
-                }
+                Err(_) => continue,
             }
         };
-        quiet = false;
         let Some(message) = next else {
             break;
         };
