@@ -1,8 +1,8 @@
 //! A throwaway Mosquitto broker (MQTT 3.1.1 and 5) on a free loopback port.
 //!
-//! Configured as the local stack's (scripts/stack.sh): queues are unbounded
-//! (`max_queued_messages 0`, `max_queued_bytes 0`) so a persistent session keeps every QoS 1
-//! message, and packets over 900 KiB are refused at the door (`max_packet_size 921600`), so
+//! Configured as the local stack's (scripts/stack.sh): queues are bounded only by memory
+//! (`max_queued_messages 100000000`, `max_queued_bytes 0`) so a persistent session keeps every
+//! QoS 1 message, and packets over 900 KiB are refused at the door (`max_packet_size 921600`), so
 //! tests see what the code under test does, not a broker dropping messages. `set_tcp_nodelay`
 //! is on, as on the local stack: without it Nagle's algorithm holds back every PUBACK of a
 //! burst but the first until the client's delayed ACK, about 40 ms.
@@ -134,7 +134,7 @@ allow_anonymous true
 persistence true
 persistence_location {dir}/
 persistence_file mosquitto.db
-max_queued_messages 0
+max_queued_messages 100000000
 max_queued_bytes 0
 max_inflight_messages 100
 max_packet_size 921600
