@@ -28,9 +28,10 @@
 //! Backpressure is the MQTT 5 Receive Maximum: the broker sends at most `max_in_flight` messages
 //! the bridge has not acknowledged, so when Kafka is slow the broker holds the rest and the
 //! bridge's memory stays bounded; when Kafka returns, the acknowledgements resume the flow by
-//! themselves. A broker that sends more than that (Mosquitto 2.0.11 on a session resume) is not
-//! refused: the bridge holds what it sends, in order, and counts it in
-//! `telemetry_bridge_held_messages`; only the forwarder falls behind, never the session.
+//! themselves. A broker that sends more than that (Mosquitto 2.0.11 with a backlog) is not
+//! refused: the bridge holds what it sends, in order, counts it in
+//! `telemetry_bridge_held_messages`, and paces its acknowledgements so the broker sends less
+//! (see `acknowledge_in_order`); only the forwarder falls behind, never the session.
 //!
 //! Nothing may wedge unseen: a watchdog fails `/healthz` when messages are held but none has been
 //! settled for `stall_timeout_secs`, so an orchestrator restarts the bridge, and shutdown is
@@ -82,10 +83,10 @@ const ACK_PACE: Duration = Duration::from_millis(5);
 /// session driver needs to drain it, unless the driver is gone.
 const ACK_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Room in the client's request queue. Every acknowledgement goes through it, and the session
-/// driver drains it all the time; a session cannot have more unacknowledged messages than there
-/// are packet ids, so with room for all of them (plus subscriptions) the acknowledger never waits
-/// for room. The queue grows only as far as it is used.
+/// Room in the client's request queue: every packet id (plus subscriptions). Every
+/// acknowledgement goes through it and the session driver drains it all the time, but one request
+/// per turn of its loop, so under a flood of messages the acknowledger can still wait for room
+/// (bounded by ACK_QUEUE_TIMEOUT). The queue grows only as far as it is used.
 const REQUEST_QUEUE: usize = u16::MAX as usize + 64;
 
 #[derive(Debug, thiserror::Error)]

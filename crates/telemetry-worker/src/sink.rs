@@ -239,7 +239,8 @@ impl Sink {
         // Replayed rows come first: they are older than every fresh row of their partition.
         let candidates: Vec<&Row> = replayed.iter().chain(fresh.iter()).copied().collect();
         let (to_copy, copies) = dedup::drop_copies(&tx, candidates).await?;
-        let replayed_kept = to_copy
+        // Replayed rows still come first: the index of the first fresh one.
+        let first_fresh = to_copy
             .iter()
             .take_while(|row| classify(row.partition, row.offset) == Disposition::Replay)
             .count();
@@ -255,7 +256,6 @@ impl Sink {
             .into_iter()
             .map(|(i, detail)| (i, rejected_letter(to_copy[i], detail)))
             .collect();
-        let first_fresh = replayed_kept;
         dead.extend(
             rejected
                 .iter()
