@@ -477,7 +477,10 @@ async fn write_path(
         Ok(Sink::new(
             pool.clone(),
             kafka.topic.clone(),
-            DeadLetterProducer::new(kafka)?,
+            DeadLetterProducer::new(
+                kafka,
+                telemetry_worker::dlq::delivery_timeout(Duration::from_secs(60)),
+            )?,
             Health::new(),
         )
         .keep_device_latest(keep_latest)

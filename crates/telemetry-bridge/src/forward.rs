@@ -22,12 +22,13 @@ use crate::schema::Rejection;
 pub const STAGE: &str = "bridge";
 
 /// Every reason the bridge can give a dead letter.
-pub const REASONS: [DeadLetterReason; 5] = [
+pub const REASONS: [DeadLetterReason; 6] = [
     DeadLetterReason::InvalidTopic,
     DeadLetterReason::PayloadTooLarge,
     DeadLetterReason::InvalidJson,
     DeadLetterReason::NoMatchingRoute,
     DeadLetterReason::SchemaViolation,
+    DeadLetterReason::RejectedByKafka,
 ];
 
 /// Where a message goes, with which key and headers.
@@ -108,6 +109,39 @@ pub fn route<'r>(
             }
         }
     }
+}
+
+/// The headers of the dead letter for a message Kafka refused for good on `refused_topic`;
+/// `truncated` when the dead-letter topic refused the whole letter too and it goes without its
+/// payload.
+pub fn refused_by_kafka_headers(
+    publish: &Publish,
+    refused_topic: &str,
+    error: &str,
+    truncated: Option<&str>,
+) -> OwnedHeaders {
+    let topic = String::from_utf8_lossy(&publish.topic);
+    let detail = format!("Kafka refused the record for topic '{refused_topic}' for good: {error}");
+    let mut headers = mqtt_headers(publish, &topic)
+        .insert(Header {
+            key: header::DLQ_REASON,
+            value: Some(DeadLetterReason::RejectedByKafka.code()),
+        })
+        .insert(Header {
+            key: header::DLQ_DETAIL,
+            value: Some(&detail),
+        })
+        .insert(Header {
+            key: header::DLQ_STAGE,
+            value: Some(STAGE),
+        });
+    if let Some(note) = truncated {
+        headers = headers.insert(Header {
+            key: header::DLQ_TRUNCATED,
+            value: Some(note),
+        });
+    }
+    headers
 }
 
 fn check<'r>(

@@ -33,6 +33,15 @@
 //! `telemetry_bridge_held_messages`, and paces its acknowledgements so the broker sends less
 //! (see `acknowledge_in_order`); only the forwarder falls behind, never the session.
 //!
+//! The one exception to "acknowledged only after Kafka confirmed": a record Kafka refuses for
+//! good (larger than the topic's `max.message.bytes`, an invalid record, no right to write to
+//! the topic; see `telemetry_core::kafka::is_permanent_produce_error`) goes to the dead-letter
+//! topic with reason `rejected_by_kafka` instead, without its payload if the dead-letter topic
+//! refuses it whole; and if that is refused too, it is logged, counted in
+//! `telemetry_bridge_dropped_total` and acknowledged. Holding it would stop every message behind
+//! it (QoS 1 acknowledgements go in order), and stopping the bridge would only have the broker
+//! deliver it again after the restart, in a loop.
+//!
 //! Nothing may wedge unseen: a watchdog fails `/healthz` when messages are held but none has been
 //! settled for `stall_timeout_secs`, so an orchestrator restarts the bridge, and shutdown is
 //! bounded by the drain timeout whatever Kafka or the broker do.
@@ -52,9 +61,11 @@ use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, RetainForwardRule, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::AsyncClient;
+use telemetry_core::kafka::{is_permanent_produce_error, permanent_error_fix};
 use telemetry_core::observe::{self, Health};
 use telemetry_core::Shutdown;
 use tokio::sync::mpsc;
@@ -108,10 +119,93 @@ pub enum BridgeError {
 /// A message on its way: acknowledged to MQTT once `delivery` resolves.
 struct InFlight {
     publish: Publish,
-    delivery: DeliveryFuture,
+    delivery: Delivery,
     /// The MQTT connection it arrived on; see [`Connections`].
     connection: u64,
     received: Instant,
+}
+
+/// A message's record: handed to librdkafka, or refused by it at once for good.
+enum Delivery {
+    Sent(DeliveryFuture),
+    Refused { topic: String, error: KafkaError },
+}
+
+/// Where a message Kafka refuses for good goes instead: see the module's documentation.
+#[derive(Clone)]
+struct Rescue {
+    producer: FutureProducer,
+    dlq_topic: String,
+}
+
+impl Rescue {
+    /// Sends the dead letter of a message Kafka refused for good on `refused_topic`, without
+    /// its payload if the dead-letter topic refuses it whole. False when it could not be sent.
+    async fn send(&self, publish: &Publish, refused_topic: &str, error: &KafkaError) -> bool {
+        let mqtt_topic = String::from_utf8_lossy(&publish.topic).into_owned();
+        let reason = error.to_string();
+        if refused_topic == self.dlq_topic {
+            // The refused record was a dead letter already: no second letter for it.
+            self.give_up(&mqtt_topic, refused_topic, error);
+            return false;
+        }
+        let whole = forward::refused_by_kafka_headers(publish, refused_topic, &reason, None);
+        let refusal = match self
+            .produce(&mqtt_topic, whole, Some(&publish.payload))
+            .await
+        {
+            Ok(()) => return self.sent(),
+            Err(refusal) if is_permanent_produce_error(&refusal) => refusal,
+            Err(other) => {
+                self.give_up(&mqtt_topic, &self.dlq_topic, &other);
+                return false;
+            }
+        };
+        let note = format!(
+            "payload of {} bytes dropped: '{}' refused the whole letter ({refusal}); {}",
+            publish.payload.len(),
+            self.dlq_topic,
+            permanent_error_fix(&refusal, &self.dlq_topic)
+        );
+        let bare = forward::refused_by_kafka_headers(publish, refused_topic, &reason, Some(&note));
+        match self.produce(&mqtt_topic, bare, None).await {
+            Ok(()) => self.sent(),
+            Err(refusal) => {
+                self.give_up(&mqtt_topic, &self.dlq_topic, &refusal);
+                false
+            }
+        }
+    }
+
+    fn sent(&self) -> bool {
+        metrics::dead_letter(telemetry_core::contract::DeadLetterReason::RejectedByKafka);
+        true
+    }
+
+    async fn produce(
+        &self,
+        key: &str,
+        headers: rdkafka::message::OwnedHeaders,
+        payload: Option<&[u8]>,
+    ) -> Result<(), KafkaError> {
+        let mut record = FutureRecord::<str, [u8]>::to(&self.dlq_topic)
+            .key(key)
+            .headers(headers);
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        self.producer
+            .send(record, Timeout::Never)
+            .await
+            .map(|_| ())
+            .map_err(|(error, _)| error)
+    }
+
+    fn give_up(&self, mqtt_topic: &str, topic: &str, error: &KafkaError) {
+        metrics::dropped();
+        tracing::error!(%error, %mqtt_topic, %topic, fix = %permanent_error_fix(error, topic),
+            "kafka refused a message and its dead letter for good; acknowledging it so that the messages behind it flow (counted in telemetry_bridge_dropped_total)");
+    }
 }
 
 /// Where the messages the broker sent stand. Each is received (by the session driver), then
@@ -225,8 +319,13 @@ pub async fn run(config: BridgeConfig, shutdown: Shutdown) -> Result<(), BridgeE
     )
     .map_err(BridgeError::SessionThread)?;
     let (in_flight, acks) = mpsc::channel::<InFlight>(2 * config.max_in_flight);
+    let rescue = Rescue {
+        producer: producer.clone(),
+        dlq_topic: config.kafka.dlq_topic.clone(),
+    };
     let acker = tokio::spawn(acknowledge_in_order(
         acks,
+        rescue,
         client.clone(),
         config.max_in_flight as u64,
         connections.clone(),
@@ -372,14 +471,16 @@ fn subscriptions(config: &BridgeConfig) -> Vec<Filter> {
     telemetry.chain(stats).collect()
 }
 
-/// Hands the record to librdkafka and returns the future of its delivery report. Waits while
-/// librdkafka's queue is full: the forwarder falls behind, the MQTT session does not.
+/// Hands the record to librdkafka and returns the future of its delivery report, or the
+/// refusal when librdkafka refuses it for good at once (larger than `message.max.bytes`): the
+/// acknowledger dead-letters it in its turn. Waits while librdkafka's queue is full: the
+/// forwarder falls behind, the MQTT session does not.
 async fn produce(
     producer: &FutureProducer,
     router: &Router,
     config: &BridgeConfig,
     publish: &Publish,
-) -> Result<DeliveryFuture, BridgeError> {
+) -> Result<Delivery, BridgeError> {
     let outgoing = forward::route(
         publish,
         router,
@@ -395,10 +496,16 @@ async fn produce(
         .headers(outgoing.headers);
     loop {
         match producer.send_result(record) {
-            Ok(delivery) => return Ok(delivery),
+            Ok(delivery) => return Ok(Delivery::Sent(delivery)),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                 record = returned;
                 tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((error, _)) if is_permanent_produce_error(&error) => {
+                return Ok(Delivery::Refused {
+                    topic: outgoing.topic.to_owned(),
+                    error,
+                })
             }
             Err((error, _)) => {
                 return Err(BridgeError::Delivery {
@@ -493,8 +600,10 @@ struct Owed {
 /// packet id each here (measured in docs/performance.md, "Overload"), and at the broker the
 /// messages it keeps until they come: a reconnect then has the broker deliver them again, copies
 /// the worker drops. On a broker that keeps to the Receive Maximum none is ever held back.
+#[allow(clippy::too_many_arguments)] // the task's whole context, passed once at start-up
 async fn acknowledge_in_order(
     mut acks: mpsc::Receiver<InFlight>,
+    rescue: Rescue,
     client: AsyncClient,
     window: u64,
     connections: Connections,
@@ -527,59 +636,80 @@ async fn acknowledge_in_order(
             break;
         };
         metrics::in_flight(acks.len() + 1);
-        let mut delivery = message.delivery;
-        // Most reports are in by now: take them without arming a timer.
-        let ready = std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(std::pin::Pin::new(&mut delivery).poll(cx))
-        })
-        .await;
-        let report = match ready {
-            std::task::Poll::Ready(report) => report,
-            std::task::Poll::Pending => loop {
-                match tokio::time::timeout(KAFKA_STALL, &mut delivery).await {
-                    Ok(report) => break report,
-                    Err(_) if kafka_ready => {
-                        kafka_ready = false;
-                        health.set("kafka", false);
-                        tracing::warn!(
-                            waited_s = KAFKA_STALL.as_secs(),
-                            "kafka has not confirmed a record; holding further MQTT messages at the broker"
-                        );
-                    }
-                    Err(_) => {}
-                }
-            },
+        let report = match message.delivery {
+            Delivery::Sent(delivery) => await_report(delivery, &mut kafka_ready, &health).await,
+            Delivery::Refused { topic, error } => Some(Err((topic, error))),
         };
         match report {
-            Ok(Ok(_)) => {
+            Some(Ok(())) => {
                 if !kafka_ready {
                     kafka_ready = true;
                     health.set("kafka", true);
                     tracing::info!("kafka confirms records again");
                 }
                 metrics::delivered(message.received.elapsed());
-                progress.confirmed();
-                owed.push_back(Owed {
-                    pkid: message.publish.pkid,
-                    qos: message.publish.qos,
-                    connection: message.connection,
-                });
             }
-            Ok(Err((error, record))) => {
-                let topic = rdkafka::Message::topic(&record).to_owned();
+            Some(Err((topic, error))) if is_permanent_produce_error(&error) => {
+                tracing::warn!(%error, %topic, "kafka refused a record for good; sending it to the dead-letter topic");
+                rescue.send(&message.publish, &topic, &error).await;
+            }
+            Some(Err((topic, error))) => {
                 tracing::error!(%error, %topic, "kafka refused a record; stopping without acknowledging it");
                 shutdown.trigger();
                 flush_owed(&client, &connections, &progress, owed).await;
                 return Err(BridgeError::Delivery { topic, error });
             }
             // The producer is gone, which only happens on the way out.
-            Err(_canceled) => break,
+            None => break,
         }
+        progress.confirmed();
+        owed.push_back(Owed {
+            pkid: message.publish.pkid,
+            qos: message.publish.qos,
+            connection: message.connection,
+        });
     }
     // On the way out every confirmed message is acknowledged: nothing more will arrive to be
     // paced, and an acknowledgement left unsent only makes a duplicate.
     flush_owed(&client, &connections, &progress, owed).await;
     Ok(())
+}
+
+/// Waits for a record's delivery report; past [`KAFKA_STALL`], reports Kafka not ready. The
+/// error comes with the record's topic; None when the producer is gone.
+async fn await_report(
+    mut delivery: DeliveryFuture,
+    kafka_ready: &mut bool,
+    health: &Health,
+) -> Option<Result<(), (String, KafkaError)>> {
+    // Most reports are in by now: take them without arming a timer.
+    let ready = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::pin::Pin::new(&mut delivery).poll(cx))
+    })
+    .await;
+    let report = match ready {
+        std::task::Poll::Ready(report) => report,
+        std::task::Poll::Pending => loop {
+            match tokio::time::timeout(KAFKA_STALL, &mut delivery).await {
+                Ok(report) => break report,
+                Err(_) if *kafka_ready => {
+                    *kafka_ready = false;
+                    health.set("kafka", false);
+                    tracing::warn!(
+                        waited_s = KAFKA_STALL.as_secs(),
+                        "kafka has not confirmed a record; holding further MQTT messages at the broker"
+                    );
+                }
+                Err(_) => {}
+            }
+        },
+    };
+    let result = report.ok()?;
+    Some(
+        result
+            .map(|_| ())
+            .map_err(|(error, record)| (rdkafka::Message::topic(&record).to_owned(), error)),
+    )
 }
 
 async fn flush_owed(

@@ -8,6 +8,9 @@ use telemetry_core::contract::DeadLetterReason;
 pub const MESSAGES_RECEIVED: &str = "telemetry_bridge_messages_received_total";
 pub const MESSAGES_FORWARDED: &str = "telemetry_bridge_messages_forwarded_total";
 pub const DEAD_LETTERS: &str = "telemetry_bridge_dead_letters_total";
+/// Messages Kafka refused for good whose dead letter it refused too: logged, counted here and
+/// acknowledged, so that they do not stop every message behind them.
+pub const DROPPED: &str = "telemetry_bridge_dropped_total";
 pub const MQTT_RECONNECTS: &str = "telemetry_bridge_mqtt_reconnects_total";
 /// Messages confirmed by Kafka after their MQTT connection was gone: not acknowledged, since
 /// the broker delivers them again on the new connection (each becomes a duplicate in Kafka).
@@ -30,6 +33,10 @@ pub fn received() {
 
 pub fn dead_letter(reason: DeadLetterReason) {
     metrics::counter!(DEAD_LETTERS, "reason" => reason.code()).increment(1);
+}
+
+pub fn dropped() {
+    metrics::counter!(DROPPED).increment(1);
 }
 
 pub fn delivered(took: Duration) {

@@ -161,6 +161,67 @@ async fn each_kind_of_bad_input_reaches_the_dead_letter_topic_with_its_reason_an
     );
 }
 
+/// A record Kafka refuses for good (here larger than the producer's `message.max.bytes`, which
+/// librdkafka enforces with the broker's error; Tansu does not enforce a topic's limit) must
+/// neither stop the bridge nor hold up the messages behind it: it goes to the dead-letter
+/// topic, without its payload when that topic refuses it whole too, and is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_kafka_refuses_for_good_is_dead_lettered_acknowledged_and_the_rest_flows() {
+    let servers = shared();
+    let kafka = topics(&servers.kafka, 1);
+    let user = unique_name("u");
+    let mut config = bridge_config(
+        &kafka,
+        servers.mosquitto.port(),
+        vec![format!("users/{user}/#")],
+    );
+    config
+        .kafka
+        .properties
+        .insert("message.max.bytes".into(), "1000".into());
+    let bridge = InProcess::start(config);
+    bridge.wait_ready().await;
+
+    let telemetry = |device: &str| format!("users/{user}/devices/{device}/telemetry");
+    let huge = format!(r#"{{"v":1.{}1}}"#, "0".repeat(2000));
+    // Every PUBACK comes: the refused message is acknowledged, the one behind it too.
+    publish(&[
+        (telemetry("d1"), br#"{"v":1}"#.to_vec(), false),
+        (telemetry("d1"), huge.clone().into_bytes(), false),
+        (telemetry("d2"), br#"{"v":2}"#.to_vec(), false),
+    ])
+    .await;
+    let records = read_topic(&kafka, &kafka.topic, Duration::from_secs(60), |r| {
+        r.len() >= 2
+    });
+    let letters = read_topic(&kafka, &kafka.dlq_topic, Duration::from_secs(60), |r| {
+        !r.is_empty()
+    });
+    bridge.stop().await;
+
+    let keys: Vec<&str> = records.iter().map(|r| r.key.as_str()).collect();
+    assert_eq!(keys, [format!("{user}/d1"), format!("{user}/d2")]);
+    let [letter] = &letters[..] else {
+        panic!("one dead letter: {letters:#?}")
+    };
+    assert_eq!(letter.headers[header::DLQ_REASON], "rejected_by_kafka");
+    assert_eq!(letter.headers[header::MQTT_TOPIC], telemetry("d1"));
+    assert!(
+        letter.headers[header::DLQ_DETAIL].contains(&kafka.topic),
+        "{:?}",
+        letter.headers
+    );
+    assert_eq!(
+        letter.payload, "",
+        "the dead-letter topic refused it whole too"
+    );
+    let note = &letter.headers[header::DLQ_TRUNCATED];
+    assert!(
+        note.contains(&format!("{} bytes", huge.len())) && note.contains("max.message.bytes"),
+        "{note}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_send_each_topic_to_its_kafka_topic_and_key_exact_filters_first() {
     let servers = shared();

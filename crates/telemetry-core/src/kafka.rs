@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -157,6 +158,49 @@ pub fn share_of(partition: i32, shares: usize) -> usize {
     partition.rem_euclid(shares.max(1) as i32) as usize
 }
 
+/// The one place that decides whether Kafka refused a record for good, so that sending it again
+/// as it is can only fail again (too large for the topic or the producer's `message.max.bytes`,
+/// a record the broker finds invalid, no right to write to the topic), or whether the failure
+/// may pass (a broker down, a leader election, a timeout), which is retried. Stages retry the
+/// second kind and must not retry the first forever: it would stop everything behind the record.
+pub fn is_permanent_produce_error(error: &KafkaError) -> bool {
+    let code = match error {
+        KafkaError::MessageProduction(code) => *code,
+        _ => return false,
+    };
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::MessageBatchTooLarge
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::PolicyViolation
+            | RDKafkaErrorCode::UnsupportedForMessageFormat
+    )
+}
+
+/// What an operator can do about a permanent produce error on `topic`.
+pub fn permanent_error_fix(error: &KafkaError, topic: &str) -> String {
+    match error {
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed,
+        ) => format!("grant this client write access to topic '{topic}'"),
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::MessageBatchTooLarge,
+        ) => format!(
+            "raise max.message.bytes of topic '{topic}' (and message.max.bytes in \
+             kafka.properties, librdkafka's own limit)"
+        ),
+        _ => format!("check the settings of topic '{topic}' and the broker's log"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,5 +253,36 @@ mod tests {
             error.contains("kafka.secret_files") && error.contains("/nonexistent/kafka"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn records_kafka_refuses_for_good_are_told_from_outages() {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode as Code};
+        for code in [
+            Code::MessageSizeTooLarge,
+            Code::InvalidRecord,
+            Code::TopicAuthorizationFailed,
+            Code::PolicyViolation,
+        ] {
+            assert!(
+                is_permanent_produce_error(&KafkaError::MessageProduction(code)),
+                "{code:?}"
+            );
+        }
+        for code in [
+            Code::MessageTimedOut,
+            Code::QueueFull,
+            Code::NotLeaderForPartition,
+            Code::BrokerTransportFailure,
+            Code::AllBrokersDown,
+        ] {
+            assert!(
+                !is_permanent_produce_error(&KafkaError::MessageProduction(code)),
+                "{code:?}"
+            );
+        }
+        assert!(!is_permanent_produce_error(&KafkaError::Canceled));
+        let size = KafkaError::MessageProduction(Code::MessageSizeTooLarge);
+        assert!(permanent_error_fix(&size, "dlq").contains("max.message.bytes of topic 'dlq'"));
     }
 }

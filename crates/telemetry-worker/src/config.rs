@@ -73,11 +73,26 @@ impl Default for PostgresConfig {
     }
 }
 
+const MIB: usize = 1024 * 1024;
+
+/// What the batches of one replica may hold at most: `batch.writers` x 3 x `batch.max_bytes`.
+/// The pods run with 256 MiB; librdkafka's prefetch (16 MiB), the COPY encoding of the batches
+/// being written and the process itself (about 25 MiB measured) need the rest.
+pub const MEMORY_BUDGET_BYTES: usize = 96 * MIB;
+
+/// Batches a writer holds at once: one being filled, one queued, one being written.
+const BATCHES_PER_WRITER: usize = 3;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
     /// A batch is written when it holds this many records...
     pub max_records: usize,
+    /// ...or when one more record would take its keys, payloads and headers past this many
+    /// bytes (a record larger than this goes in a batch of its own). Each writer holds up to
+    /// three batches (one being filled, one queued, one being written), so this is what keeps
+    /// a backlog of large payloads inside the pod's memory limit; see [`MEMORY_BUDGET_BYTES`].
+    pub max_bytes: usize,
     /// ...or when this many milliseconds have passed since its first record, whichever is first.
     pub max_wait_ms: u64,
     /// A batch whose writer is idle is written sooner: once every record ready in the consumer
@@ -97,6 +112,7 @@ impl Default for BatchConfig {
     fn default() -> Self {
         Self {
             max_records: 1000,
+            max_bytes: 8 * MIB,
             max_wait_ms: 100,
             linger_ms: 5,
             writers: 2,
@@ -186,24 +202,68 @@ impl Validate for WorkerConfig {
                 ),
             ));
         }
+        self.validate_batch_bytes()?;
         self.alerts.validate()?;
-        let publishers = self.alerts.outbox.publishers;
-        if self.alerts.rules.path.is_some() && self.postgres.pool_size < publishers + 1 {
-            return Err(ConfigError::invalid(
-                "postgres.pool_size",
-                format!(
-                    "is {} but must be at least {} with alert rules and \
-                     alerts.outbox.publishers = {publishers}: each outbox round holds two \
-                     connections, and with fewer the rounds wait for each other's",
-                    self.postgres.pool_size,
-                    publishers + 1
-                ),
-            ));
-        }
+        self.validate_pool_size()?;
         if self.max_payload_bytes == 0 {
             return Err(ConfigError::invalid(
                 "max_payload_bytes",
                 "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl WorkerConfig {
+    fn validate_batch_bytes(&self) -> Result<(), ConfigError> {
+        let max_bytes = self.batch.max_bytes;
+        if !(1024..=64 * MIB).contains(&max_bytes) {
+            return Err(ConfigError::invalid(
+                "batch.max_bytes",
+                format!(
+                    "is {max_bytes} but must be between 1024 and {} (64 MiB)",
+                    64 * MIB
+                ),
+            ));
+        }
+        let held = self.batch.writers * BATCHES_PER_WRITER * max_bytes;
+        if held > MEMORY_BUDGET_BYTES {
+            return Err(ConfigError::invalid(
+                "batch.max_bytes",
+                format!(
+                    "is {max_bytes} with batch.writers = {}: the writers' batches could hold \
+                     {} MiB, more than the {} MiB budgeted for them (each writer holds up to \
+                     {BATCHES_PER_WRITER} batches); lower batch.max_bytes to at most {}",
+                    self.batch.writers,
+                    held / MIB,
+                    MEMORY_BUDGET_BYTES / MIB,
+                    MEMORY_BUDGET_BYTES / (BATCHES_PER_WRITER * self.batch.writers),
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// With alert rules, every writer holds a connection while it stores a batch, and every
+    /// outbox publisher holds two during a round (its partition locks, and the release of the
+    /// marks committed meanwhile); with fewer, they wait for each other's.
+    fn validate_pool_size(&self) -> Result<(), ConfigError> {
+        if self.alerts.rules.path.is_none() {
+            return Ok(());
+        }
+        let (writers, publishers) = (self.batch.writers, self.alerts.outbox.publishers);
+        let needed = writers + 2 * publishers;
+        if self.postgres.pool_size < needed {
+            return Err(ConfigError::invalid(
+                "postgres.pool_size",
+                format!(
+                    "is {} but must be at least {needed} with alert rules: batch.writers \
+                     ({writers}) + 2 x alerts.outbox.publishers ({publishers}), since each \
+                     writer holds a connection and each outbox round two; raise \
+                     postgres.pool_size or lower the other two",
+                    self.postgres.pool_size
+                ),
             ));
         }
         Ok(())
@@ -249,25 +309,59 @@ mod tests {
     }
 
     #[test]
-    fn alert_publishers_need_a_connection_each_and_one_more() {
+    fn with_alerts_the_pool_needs_a_connection_per_writer_and_two_per_publisher() {
         let mut config = WorkerConfig::default();
-        config.batch.writers = 1;
-        config.postgres.pool_size = 1;
-        config.validate().unwrap();
-        config.alerts.rules.path = Some("rules.toml".into());
-        config.alerts.outbox.publishers = 1;
-        let message = config.validate().unwrap_err().to_string();
-        assert!(message.contains("postgres.pool_size"), "{message}");
+        config.batch.writers = 2;
         config.postgres.pool_size = 2;
         config.validate().unwrap();
+        config.alerts.rules.path = Some("rules.toml".into());
         config.alerts.outbox.publishers = 2;
         let message = config.validate().unwrap_err().to_string();
         assert!(
-            message.contains("postgres.pool_size") && message.contains("at least 3"),
+            message.contains("postgres.pool_size")
+                && message.contains("at least 6")
+                && message.contains("batch.writers")
+                && message.contains("alerts.outbox.publishers"),
             "{message}"
         );
-        config.postgres.pool_size = 3;
+        // publishers + 1, what was once checked, is not enough.
+        config.postgres.pool_size = 5;
+        assert!(config.validate().is_err());
+        config.postgres.pool_size = 6;
         config.validate().unwrap();
+        config.batch.writers = 3;
+        config.alerts.outbox.publishers = 1;
+        config.postgres.pool_size = 4;
+        let message = config.validate().unwrap_err().to_string();
+        assert!(message.contains("at least 5"), "{message}");
+        config.postgres.pool_size = 5;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_batch_byte_bound_out_of_range_or_over_the_memory_budget_is_named() {
+        let mut config = WorkerConfig::default();
+        config.batch.max_bytes = 100;
+        let message = config.validate().unwrap_err().to_string();
+        assert!(
+            message.contains("batch.max_bytes") && message.contains("between 1024"),
+            "{message}"
+        );
+        config.batch.max_bytes = 32 * MIB;
+        let message = config.validate().unwrap_err().to_string();
+        assert!(
+            message.contains("batch.max_bytes") && message.contains("batch.writers = 2"),
+            "{message}"
+        );
+        config.batch.writers = 1;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn the_default_batches_stay_well_inside_the_pod_memory_limit() {
+        let config = WorkerConfig::default();
+        let held = config.batch.writers * BATCHES_PER_WRITER * config.batch.max_bytes;
+        assert!(held <= 64 * MIB, "{held}");
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! Kafka's committed offsets are only a hint here (they let lag tools work and keep restarts
 //! short); what is stored is decided by `ingest_offsets` in the same transaction as the rows
 //! (see [`crate::sink`]), and an assigned partition starts where that table says (see
-//! [`WorkerContext`]). Auto-commit and the offset store are off, so Kafka never records an
-//! offset whose rows are not durable.
+//! [`crate::positions`]), never above it. Auto-commit and the offset store are off, so Kafka
+//! never records an offset whose rows are not durable.
 //!
 //! Backpressure: per writer at most one batch waits while another is written, and librdkafka's
 //! prefetch queue is capped, so a slow or absent database slows consumption down instead of filling
@@ -12,14 +12,14 @@
 //! channel per message), and each is decoded and released at once.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::BorrowedMessage;
+use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use telemetry_core::kafka::{self, KafkaConfig};
@@ -29,8 +29,9 @@ use tokio::time::Instant;
 
 use crate::config::{BatchConfig, WorkerConfig};
 use crate::metrics;
+use crate::positions::{self, PartitionLog, PositionError, Start};
 use crate::record::Batch;
-use crate::sink::{stored_position, Sink, SinkError, StoredPosition};
+use crate::sink::{Sink, SinkError};
 
 /// librdkafka's prefetch buffer per replica. Its default (64 MiB) is far more than two batches
 /// need; this bounds memory while the database is down.
@@ -45,15 +46,34 @@ const MAX_PARTITION_FETCH_BYTES: &str = "262144";
 /// How often librdkafka reports statistics, which carry each partition's consumer lag.
 const STATISTICS_INTERVAL_MS: &str = "5000";
 
-/// How long an assignment may wait for the database to say where each partition starts.
-const POSITION_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
-
 pub type WorkerConsumer = StreamConsumer<WorkerContext>;
 
-pub fn create_consumer(config: &WorkerConfig) -> Result<WorkerConsumer, KafkaError> {
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// Boxed: a sink error is large, and is returned at most once per run.
+    #[error(transparent)]
+    Sink(Box<SinkError>),
+    #[error(transparent)]
+    Position(#[from] PositionError),
+}
+
+impl From<SinkError> for IngestError {
+    fn from(error: SinkError) -> Self {
+        IngestError::Sink(Box::new(error))
+    }
+}
+
+/// A consumer whose assignments start where the database says; `shutdown` is triggered when an
+/// assigned partition cannot be started safely (see [`crate::positions`]).
+pub fn create_consumer(
+    config: &WorkerConfig,
+    shutdown: &Shutdown,
+) -> Result<WorkerConsumer, KafkaError> {
     let context = WorkerContext {
         topic: config.kafka.topic.clone(),
         database_url: config.postgres.url.clone(),
+        shutdown: shutdown.clone(),
+        refused: Mutex::new(None),
     };
     consumer_config(&config.kafka, &config.group_id).create_with_context(context)
 }
@@ -93,16 +113,20 @@ fn consumer_config(kafka: &KafkaConfig, group_id: &str) -> rdkafka::ClientConfig
 
 /// The consumer's callbacks: where an assigned partition starts, and lag from statistics.
 ///
-/// On assignment each partition starts at the lowest of its Kafka committed offset and what
-/// `ingest_offsets` says (its next offset, or the start of a replay window). The database is
-/// the record of what is stored, so this never skips a record that is not stored, even when
-/// Kafka's commit is ahead of it (a database restored from a backup); an offset reset with
-/// standard Kafka tools to an earlier point is honoured and the records it re-reads are
-/// skipped by the sink.
+/// On assignment each partition starts where [`positions::start`] says: at the lowest of its
+/// Kafka committed offset and what `ingest_offsets` says (its next offset, or the start of a
+/// replay window), and at the oldest record when it has no row. The database is the record of
+/// what is stored, so this never skips a record that is not stored, even when Kafka's commit is
+/// ahead of it (a database restored from a backup); an offset reset with standard Kafka tools
+/// to an earlier point is honoured and the records it re-reads are skipped by the sink.
 #[derive(Debug)]
 pub struct WorkerContext {
     topic: String,
     database_url: String,
+    /// Stops the worker when an assigned partition cannot be started safely.
+    shutdown: Shutdown,
+    /// Why, for [`consume`] to return once the batches in flight are stored.
+    refused: Mutex<Option<PositionError>>,
 }
 
 impl ClientContext for WorkerContext {
@@ -161,104 +185,154 @@ impl WorkerContext {
         if partitions.is_empty() {
             return;
         }
-        let stored = match read_stored_positions(&self.database_url, &self.topic, &partitions) {
-            Ok(stored) => stored,
-            Err(error) => {
-                // Kafka's commits trail the database's (they are made after each commit), so
-                // starting from them re-reads at most what the sink then skips.
-                tracing::warn!(%error, ?partitions,
-                    "cannot read stored offsets; starting from Kafka's committed offsets");
-                return;
-            }
+        let starts = match self.plan_starts(consumer, assigned, &partitions) {
+            Ok(starts) => starts,
+            Err(refusal) => return self.refuse(assigned, refusal),
         };
-        let committed = consumer
-            .committed_offsets(assigned.clone(), POSITION_LOOKUP_TIMEOUT)
-            .map_err(|error| tracing::warn!(%error, "cannot read Kafka's committed offsets"))
-            .ok();
         for mut element in assigned.elements_for_topic(&self.topic) {
             let partition = element.partition();
-            let Some(position) = stored.get(&partition) else {
-                continue; // never stored: Kafka's committed offset, or the earliest record
+            let Some(&start) = starts.get(&partition) else {
+                continue;
             };
-            let committed = committed
-                .as_ref()
-                .and_then(|c| c.find_partition(&self.topic, partition))
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(offset) => Some(offset),
-                    _ => None,
-                });
-            let start = start_offset(position, committed);
-            tracing::info!(partition, start, ?committed, stored = ?position, "partition assigned");
+            tracing::info!(partition, start, "partition assigned");
             if let Err(error) = element.set_offset(Offset::Offset(start)) {
                 tracing::warn!(%error, partition, "cannot set the start offset");
             }
         }
     }
-}
 
-/// The lowest of Kafka's committed offset and the database's resume point.
-fn start_offset(stored: &StoredPosition, committed: Option<i64>) -> i64 {
-    let resume = stored.resume_offset();
-    committed.map_or(resume, |committed| committed.min(resume))
-}
-
-/// Reads `ingest_offsets` on a connection of its own. librdkafka calls the rebalance callback
-/// from inside the consumer's poll, on a runtime thread that must not wait on the runtime's own
-/// tasks, so the query runs on a short-lived thread with a runtime of its own. Rebalances are
-/// rare; the cost of a connection is nothing next to them.
-fn read_stored_positions(
-    database_url: &str,
-    topic: &str,
-    partitions: &[i32],
-) -> Result<BTreeMap<i32, StoredPosition>, String> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| format!("cannot start a runtime: {e}"))?;
-                runtime.block_on(async {
-                    tokio::time::timeout(
-                        POSITION_LOOKUP_TIMEOUT,
-                        query_stored_positions(database_url, topic, partitions),
-                    )
-                    .await
-                    .map_err(|_| "timed out".to_owned())?
-                    .map_err(|e| e.to_string())
-                })
-            })
-            .join()
-            .map_err(|_| "the lookup thread panicked".to_owned())?
-    })
-}
-
-async fn query_stored_positions(
-    database_url: &str,
-    topic: &str,
-    partitions: &[i32],
-) -> Result<BTreeMap<i32, StoredPosition>, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls).await?;
-    let connection = tokio::spawn(connection);
-    let rows = client
-        .query_typed(
-            "SELECT kafka_partition, next_offset, replay_from, replay_to FROM ingest_offsets
-             WHERE topic = $1 AND kafka_partition = ANY($2)",
-            &[
-                (&topic, tokio_postgres::types::Type::TEXT),
-                (&partitions, tokio_postgres::types::Type::INT4_ARRAY),
-            ],
-        )
-        .await;
-    drop(client);
-    let _ = connection.await;
-    match rows {
-        Ok(rows) => Ok(rows.iter().map(stored_position).collect()),
-        // Not migrated yet: nothing is stored.
-        Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
-            Ok(BTreeMap::new())
+    /// Each partition's start offset, once the database and Kafka have both answered (retried
+    /// for [`positions::LOOKUP_PATIENCE`]); records Kafka no longer keeps are recorded as
+    /// skipped before any is consumed.
+    fn plan_starts(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        assigned: &TopicPartitionList,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, i64>, PositionError> {
+        let planned = positions::with_patience(|| {
+            let stored = positions::read_stored(&self.database_url, &self.topic, partitions)?;
+            let committed = self.committed_offsets(consumer, assigned);
+            let mut starts = BTreeMap::new();
+            for &partition in partitions {
+                let log = self.partition_log(consumer, partition)?;
+                let stored = stored.get(&partition);
+                let committed = committed.get(&partition).copied();
+                match positions::start(stored, committed, log) {
+                    Ok(start) => {
+                        tracing::debug!(
+                            partition,
+                            ?stored,
+                            ?committed,
+                            ?log,
+                            ?start,
+                            "start planned"
+                        );
+                        starts.insert(partition, start);
+                    }
+                    // Not retried: waiting does not make the log reach what is stored.
+                    Err(beyond) => {
+                        return Ok(Err(PositionError::LogEndsBelowStored {
+                            topic: self.topic.clone(),
+                            partition,
+                            next_offset: beyond.next_offset,
+                            log_end: beyond.log_end,
+                        }))
+                    }
+                }
+            }
+            self.skip_what_kafka_no_longer_keeps(&starts)?;
+            Ok(Ok(starts.into_iter().map(|(p, s)| (p, s.offset)).collect()))
+        });
+        match planned {
+            Ok(plan) => plan,
+            Err((reason, waited)) => Err(PositionError::Unknown {
+                topic: self.topic.clone(),
+                partitions: partitions.to_vec(),
+                reason,
+                waited,
+            }),
         }
-        Err(error) => Err(error),
+    }
+
+    /// Kafka's committed offsets of the group; none where it has none or cannot say (they only
+    /// ever move a start back).
+    fn committed_offsets(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        assigned: &TopicPartitionList,
+    ) -> BTreeMap<i32, i64> {
+        let committed = match consumer
+            .committed_offsets(assigned.clone(), positions::REQUEST_TIMEOUT)
+        {
+            Ok(committed) => committed,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read Kafka's committed offsets; using the database's alone");
+                return BTreeMap::new();
+            }
+        };
+        committed
+            .elements_for_topic(&self.topic)
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(offset) => Some((e.partition(), offset)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn partition_log(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        partition: i32,
+    ) -> Result<PartitionLog, String> {
+        let (oldest, end) = consumer
+            .fetch_watermarks(&self.topic, partition, positions::REQUEST_TIMEOUT)
+            .map_err(|e| {
+                format!("cannot read the offsets of partition {partition} from Kafka: {e}")
+            })?;
+        Ok(PartitionLog { oldest, end })
+    }
+
+    fn skip_what_kafka_no_longer_keeps(&self, starts: &BTreeMap<i32, Start>) -> Result<(), String> {
+        let lost: BTreeMap<i32, i64> = starts
+            .iter()
+            .filter_map(|(&partition, start)| Some((partition, start.lost.clone()?.end)))
+            .collect();
+        if lost.is_empty() {
+            return Ok(());
+        }
+        positions::skip_to_oldest_kept(&self.database_url, &self.topic, &lost)?;
+        for (&partition, start) in starts {
+            if let Some(lost) = &start.lost {
+                tracing::warn!(partition, from = lost.start, to = lost.end,
+                    "records were never stored and Kafka no longer keeps them (retention); starting at the oldest kept");
+                metrics::records_lost(partition, lost.end - lost.start);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the worker: the partitions start at the oldest record (never ahead of the
+    /// database) until shutdown takes effect, and [`consume`] returns why.
+    fn refuse(&self, assigned: &TopicPartitionList, refusal: PositionError) {
+        tracing::error!(error = %refusal, "stopping the worker");
+        metrics::partition_refused(refusal.kind());
+        for mut element in assigned.elements_for_topic(&self.topic) {
+            let _ = element.set_offset(Offset::Beginning);
+        }
+        self.refused
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get_or_insert(refusal);
+        self.shutdown.trigger();
+    }
+
+    fn take_refusal(&self) -> Option<PositionError> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
     }
 }
 
@@ -270,12 +344,14 @@ async fn query_stored_positions(
 /// once while each partition's batches still go in order. A channel of one batch per writer
 /// keeps every writer busy and memory bounded (per writer one batch being written and one
 /// ready, plus librdkafka's capped prefetch).
+///
+/// An assigned partition that cannot be started safely stops it too, with the reason.
 pub async fn consume(
     consumer: Arc<WorkerConsumer>,
     sink: &Sink,
     config: &WorkerConfig,
     shutdown: &Shutdown,
-) -> Result<(), SinkError> {
+) -> Result<(), IngestError> {
     let (lanes, queues): (Vec<_>, Vec<_>) = (0..config.batch.writers.max(1))
         .map(|_| mpsc::channel::<Batch>(1))
         .unzip();
@@ -303,7 +379,10 @@ pub async fn consume(
         .collect::<Result<Vec<()>, SinkError>>()
         .map(|_| ());
     let _ = reader.await;
-    outcome
+    if let Some(refusal) = consumer.context().take_refusal() {
+        return Err(refusal.into());
+    }
+    Ok(outcome?)
 }
 
 /// One writer: stores its batches in order, commits each one's offsets to Kafka, and tells
@@ -426,8 +505,16 @@ impl OpenBatches {
     }
 
     /// Decodes the message into its writer's batch; returns that writer if the batch is full.
+    ///
+    /// A record at or below one the batch already holds of its partition is dropped: a
+    /// partition revoked and assigned back within one batch window is read again from where
+    /// the database says, and the sink, which checks each record against the stored position
+    /// alone, would store both copies. It also keeps the batch's `next_offsets` from moving back.
     fn push(&mut self, message: &BorrowedMessage<'_>, max_payload_bytes: usize) -> Option<usize> {
         let writer = kafka::share_of(message.partition(), self.batches.len());
+        if holds(&self.batches[writer], message.partition(), message.offset()) {
+            return None;
+        }
         self.batches[writer].push(message, max_payload_bytes);
         self.opened[writer].get_or_insert_with(Instant::now);
         (self.batches[writer].len() >= self.limits.max_records).then_some(writer)
@@ -476,13 +563,22 @@ impl OpenBatches {
     }
 }
 
+/// Whether the batch already holds `offset` of `partition`, or a later one.
+fn holds(batch: &Batch, partition: i32, offset: i64) -> bool {
+    batch
+        .next_offsets
+        .get(&partition)
+        .is_some_and(|&next| offset < next)
+}
+
 /// What woke the reader.
 enum Event<'a> {
     Message(Option<Result<BorrowedMessage<'a>, KafkaError>>),
     Stored(Option<WriteReport>),
 }
 
-/// Fills one batch per writer. A batch goes to its writer at `batch.max_records` records; else,
+/// Fills one batch per writer. A batch goes to its writer at `batch.max_records` records, or
+/// before a record that would take it past `batch.max_bytes` (see [`BatchBytes`]); else,
 /// once the reader has taken every record librdkafka holds ready, when it is due (see
 /// [`OpenBatches::deadline`]). On shutdown the open batches are handed over too, so what was
 /// read is stored and committed.
@@ -493,6 +589,7 @@ async fn read_batches(
     shutdown: Shutdown,
     mut lanes: Lanes,
 ) {
+    let mut bytes = BatchBytes::new(lanes.len(), limits.max_bytes);
     let mut open = OpenBatches::new(lanes.len(), limits);
     loop {
         lanes.collect_finished();
@@ -506,7 +603,17 @@ async fn read_batches(
             stored = lanes.finished.recv() => Event::Stored(stored),
         };
         let full = match event {
-            Event::Message(Some(Ok(message))) => open.push(&message, max_payload_bytes),
+            Event::Message(Some(Ok(message))) => {
+                let writer = kafka::share_of(message.partition(), lanes.len());
+                let size = message_bytes(&message);
+                if bytes.would_overflow(writer, size)
+                    && !lanes.hand_over(writer, bytes.take(&mut open, writer)).await
+                {
+                    return;
+                }
+                bytes.add(writer, size);
+                open.push(&message, max_payload_bytes)
+            }
             Event::Message(Some(Err(error))) => {
                 log_consumer_error(&error);
                 None
@@ -523,16 +630,61 @@ async fn read_batches(
             .chain(open.due(Instant::now(), |w| lanes.writer(w)))
             .collect::<Vec<_>>();
         for writer in ready {
-            if !lanes.hand_over(writer, open.take(writer)).await {
+            if !lanes.hand_over(writer, bytes.take(&mut open, writer)).await {
                 return;
             }
         }
     }
     for writer in open.open_writers() {
-        if !lanes.hand_over(writer, open.take(writer)).await {
+        if !lanes.hand_over(writer, bytes.take(&mut open, writer)).await {
             return;
         }
     }
+}
+
+/// The bytes in each writer's open batch. Records are counted as they came from Kafka (key,
+/// payload, headers), which is what the batch keeps of them: without this bound a backlog of
+/// large payloads makes batches of `max_records` of them, and a replica whose writers hold
+/// three such batches each outgrows its memory limit and is restarted in a loop.
+struct BatchBytes {
+    open: Vec<usize>,
+    max_bytes: usize,
+}
+
+impl BatchBytes {
+    fn new(writers: usize, max_bytes: usize) -> Self {
+        Self {
+            open: vec![0; writers],
+            max_bytes,
+        }
+    }
+
+    /// Whether a record of `size` bytes would take the writer's non-empty batch past the bound;
+    /// a record larger than the bound on its own goes in a batch of its own.
+    fn would_overflow(&self, writer: usize, size: usize) -> bool {
+        self.open[writer] > 0 && self.open[writer] + size > self.max_bytes
+    }
+
+    fn add(&mut self, writer: usize, size: usize) {
+        self.open[writer] += size;
+    }
+
+    /// Takes the writer's open batch, whose bytes then start again from zero.
+    fn take(&mut self, open: &mut OpenBatches, writer: usize) -> Batch {
+        self.open[writer] = 0;
+        open.take(writer)
+    }
+}
+
+/// What a record weighs in a batch: its key, payload and headers.
+fn message_bytes(message: &BorrowedMessage<'_>) -> usize {
+    let headers = message.headers().map_or(0, |headers| {
+        headers
+            .iter()
+            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+            .sum()
+    });
+    message.key_len() + message.payload_len() + headers
 }
 
 /// The next message, or `None` when the deadline passes first. A message that is ready wins
@@ -579,6 +731,7 @@ mod tests {
             max_wait_ms: 100,
             linger_ms: 5,
             writers: 2,
+            ..BatchConfig::default()
         }
     }
 

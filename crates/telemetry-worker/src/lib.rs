@@ -5,6 +5,7 @@
 //! - [`schema`]: embedded migrations (`telemetry-worker migrate`).
 //! - [`record`]: a Kafka record decoded into a row or a dead letter.
 //! - [`ingest`]: the consumer loop (batching, Kafka commits, backpressure).
+//! - [`positions`]: where an assigned partition starts, never above what is stored.
 //! - [`sink`]: the exactly-once writer (the guarantee is described there).
 //! - [`copy`]: binary COPY encoding.
 //! - [`dlq`]: the dead-letter producer.
@@ -18,6 +19,7 @@ pub mod dlq;
 pub mod ingest;
 pub mod metrics;
 pub mod partitions;
+pub mod positions;
 pub mod record;
 pub mod redrive;
 pub mod replay;
@@ -45,7 +47,7 @@ pub enum WorkerError {
     #[error("cannot create the Kafka client: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
-    Sink(#[from] sink::SinkError),
+    Ingest(#[from] ingest::IngestError),
     #[error(transparent)]
     Alerts(#[from] telemetry_alerts::AlertError),
 }
@@ -60,9 +62,12 @@ pub async fn run(config: WorkerConfig, shutdown: Shutdown) -> Result<(), WorkerE
         return Ok(());
     }
     health.set("postgres", true);
-    let consumer = std::sync::Arc::new(ingest::create_consumer(&config)?);
+    let consumer = std::sync::Arc::new(ingest::create_consumer(&config, &shutdown)?);
     consumer.subscribe(&[&config.kafka.topic])?;
-    let dead_letters = dlq::DeadLetterProducer::new(&config.kafka)?;
+    let dead_letters = dlq::DeadLetterProducer::new(
+        &config.kafka,
+        dlq::delivery_timeout(config.postgres.write_timeout()),
+    )?;
     let mut sink = sink::Sink::new(
         pool.clone(),
         config.kafka.topic.clone(),

@@ -43,6 +43,9 @@ struct Cli {
     /// Records per batch (batch.max_records).
     #[arg(long, global = true)]
     batch_max_records: Option<usize>,
+    /// Bytes of keys, payloads and headers per batch (batch.max_bytes).
+    #[arg(long, global = true)]
+    batch_max_bytes: Option<usize>,
     /// Milliseconds a batch may wait for more records (batch.max_wait_ms).
     #[arg(long, global = true)]
     batch_max_wait_ms: Option<u64>,
@@ -96,7 +99,8 @@ enum Command {
     /// it ends now (or --to-offset), and produces the letters of the chosen reasons to the
     /// telemetry topic with their value, original headers and contract key. Prints, per
     /// partition, the offset before which every selected letter was copied and confirmed:
-    /// start the next redrive there, or it copies those letters again.
+    /// start the next redrive there. Each source record is copied once, however many letters
+    /// it has and however often it is redriven (the table `redriven_letters` remembers).
     Redrive(RedriveArgs),
 }
 
@@ -138,7 +142,7 @@ fn dead_letter_reason(value: &str) -> Result<String, String> {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("start").args(["to_earliest", "to_offset", "to_timestamp", "rebuild"]).required(true)))]
+#[command(group(clap::ArgGroup::new("start").args(["to_earliest", "to_offset", "to_timestamp", "rebuild", "new_log"]).required(true)))]
 struct ReplayArgs {
     /// Replay from the oldest record Kafka keeps.
     #[arg(long)]
@@ -149,6 +153,10 @@ struct ReplayArgs {
     /// Replay from the first record at or after this time (RFC 3339, e.g. 2026-11-23T10:00:00Z).
     #[arg(long, value_name = "TIME")]
     to_timestamp: Option<chrono::DateTime<chrono::Utc>>,
+    /// The topic was created again or moved to another cluster: forget the stored position of
+    /// each partition whose log now ends below it, and read that log from its oldest record.
+    #[arg(long)]
+    new_log: bool,
     /// Delete the rows received in [--from, --to) and ingest them again.
     #[arg(long, requires_all = ["from", "to"])]
     rebuild: bool,
@@ -178,6 +186,7 @@ fn load_config(cli: &Cli) -> Result<WorkerConfig, config::ConfigError> {
             ("group_id", flag(cli.group_id.clone())),
             ("postgres.url", flag(cli.database_url.clone())),
             ("batch.max_records", flag(cli.batch_max_records)),
+            ("batch.max_bytes", flag(cli.batch_max_bytes)),
             ("batch.max_wait_ms", flag(cli.batch_max_wait_ms)),
             ("batch.linger_ms", flag(cli.batch_linger_ms)),
             ("batch.writers", flag(cli.batch_writers)),
@@ -234,12 +243,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let shutdown = Shutdown::on_signals();
             let done = telemetry_worker::redrive::redrive(&config, &selection, &shutdown).await?;
-            println!("partition  letters_read  redriven  skipped  next_offset");
+            println!("partition  letters_read  redriven  skipped  duplicates  next_offset");
             for p in &done {
                 let next = p.next_offset.map_or("-".to_owned(), |o| o.to_string());
                 println!(
-                    "{:>9}  {:>12}  {:>8}  {:>7}  {:>11}",
-                    p.partition, p.read, p.redriven, p.skipped, next
+                    "{:>9}  {:>12}  {:>8}  {:>7}  {:>10}  {:>11}",
+                    p.partition, p.read, p.redriven, p.skipped, p.duplicates, next
                 );
             }
             println!(
@@ -264,6 +273,9 @@ async fn replay(
     args: &ReplayArgs,
 ) -> anyhow::Result<Vec<telemetry_worker::replay::PartitionReplay>> {
     use telemetry_worker::replay::{self, ReplayStart};
+    if args.new_log {
+        return Ok(replay::start_new_log(config, &args.partitions).await?);
+    }
     if args.rebuild {
         let (Some(from), Some(to)) = (args.from, args.to) else {
             anyhow::bail!("--rebuild needs --from and --to");

@@ -91,15 +91,44 @@ fn decode(
     let payload = message.payload().unwrap_or_default();
     let telemetry = contract::decode_payload(payload, max_payload_bytes)
         .map_err(|e| (e.reason(), e.to_string()))?;
+    let received_at = received_at(message);
+    if let Some(device_time) = telemetry.device_time {
+        check_not_ahead(device_time, received_at)?;
+    }
     Ok(Row {
         device_time: telemetry.device_time,
-        received_at: received_at(message),
+        received_at,
         device,
         seq: telemetry.seq,
         payload: payload.to_vec(),
         partition: message.partition(),
         offset: message.offset(),
     })
+}
+
+/// How far a device's clock may run ahead of the bridge's. Time zones misapplied by a device
+/// make at most 14 hours; a reading from further ahead has a clock that was never set right, and
+/// storing it would put it beyond every "latest readings" query for years.
+pub const MAX_DEVICE_CLOCK_AHEAD: chrono::TimeDelta = chrono::TimeDelta::days(1);
+
+/// Refuses a device time more than [`MAX_DEVICE_CLOCK_AHEAD`] after the bridge received the
+/// reading. Measured against the receive time, not the worker's clock, so that a record replayed
+/// or redriven later is judged as it was when it arrived.
+pub fn check_not_ahead(
+    device_time: DateTime<Utc>,
+    received_at: DateTime<Utc>,
+) -> Result<(), (DeadLetterReason, String)> {
+    if device_time - received_at <= MAX_DEVICE_CLOCK_AHEAD {
+        return Ok(());
+    }
+    Err((
+        DeadLetterReason::InvalidTimestamp,
+        format!(
+            "'ts' {} is more than a day after the reading was received ({}); check the device's clock",
+            device_time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            received_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        ),
+    ))
 }
 
 /// The bridge's receive time from the header; else the Kafka timestamp (records produced by
@@ -143,5 +172,40 @@ impl DeadLetter {
             });
         }
         headers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_clock_up_to_a_day_ahead_is_accepted_and_further_is_not() {
+        let received = DateTime::from_timestamp_millis(1_764_000_000_000).unwrap();
+        assert!(check_not_ahead(received, received).is_ok());
+        assert!(check_not_ahead(received - chrono::TimeDelta::days(3650), received).is_ok());
+        assert!(check_not_ahead(received + MAX_DEVICE_CLOCK_AHEAD, received).is_ok());
+        let (reason, detail) = check_not_ahead(
+            received + MAX_DEVICE_CLOCK_AHEAD + chrono::TimeDelta::milliseconds(1),
+            received,
+        )
+        .unwrap_err();
+        assert_eq!(reason, DeadLetterReason::InvalidTimestamp);
+        assert!(detail.contains("2025-11-25T16:00:00.001Z"), "{detail}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn a_device_time_is_refused_exactly_when_it_is_more_than_a_day_ahead(
+            received_ms in 0i64..253_402_300_799_999,
+            ahead_ms in -1_000_000_000_000i64..1_000_000_000_000,
+        ) {
+            let received = DateTime::from_timestamp_millis(received_ms).unwrap();
+            let device = received + chrono::TimeDelta::milliseconds(ahead_ms);
+            let refused = check_not_ahead(device, received).is_err();
+            proptest::prop_assert_eq!(refused, ahead_ms > MAX_DEVICE_CLOCK_AHEAD.num_milliseconds());
+        }
     }
 }

@@ -15,12 +15,31 @@
 //! own. The workers store the copies as new records; what is still bad is dead-lettered again,
 //! beyond where this redrive stops, so nothing loops.
 //!
-//! A redrive copies whatever it selects each time it runs. It prints, per partition, the offset
-//! up to which every selected letter's copy was confirmed, which is where the next redrive
-//! starts; when it fails or is stopped, it waits for the copies already sent and reports that
-//! offset and the letters whose copy was not confirmed, to be redriven alone.
+//! Each source record is copied back once, however many letters it has and however often a
+//! redrive runs over it. A record can have two letters: the worker sends a batch's dead letters
+//! before its COMMIT, so a COMMIT that fails or a write timeout sends them again. A letter
+//! stands for its source record (`dlq_source_topic`, `dlq_source_partition`,
+//! `dlq_source_offset`; for the bridge's letters, which have none, the letter's own position),
+//! and a redrive skips a letter whose record it copied already in this run, whose record an
+//! earlier redrive copied (the `redriven_letters` table), or whose record is stored in
+//! `raw_telemetry` at its source position (a replay stored it after the fix).
+//!
+//! Why a table written by the redrive, rather than a check in the worker's transaction: the
+//! copy is a new record at a new offset, and only the redrive knows which letter it came from;
+//! the table keeps that knowledge in the command that has it, and the worker's hot path stays
+//! as it is. The positions of a chunk of copies are claimed in one transaction that stays open
+//! until Kafka confirmed the copies; the ones Kafka did not confirm are released in it before
+//! the COMMIT. So two redrives at once cannot both copy a letter (the second waits on the
+//! first's claims), and a failed copy can be redriven again. The one gap left: a crash between
+//! Kafka's confirmation and the COMMIT leaves copies that the table does not know, which a
+//! later redrive copies again (at-least-once, as the dead-letter topic itself).
+//!
+//! It prints, per partition, the offset up to which every selected letter's copy was
+//! confirmed, which is where the next redrive starts; when it fails or is stopped, it waits for
+//! the copies already sent and reports that offset and the letters whose copy was not
+//! confirmed, to be redriven alone.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
@@ -30,6 +49,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use telemetry_core::contract::{header, parse_telemetry_topic};
 use telemetry_core::Shutdown;
+use tokio_postgres::types::Type;
 
 use crate::config::WorkerConfig;
 use crate::partitions::{chosen_partitions, PartitionsError};
@@ -39,8 +59,10 @@ const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the broker may take to confirm a copy; the worker's own producers wait forever,
 /// but a command run by hand should say that the broker is away.
 const DELIVERY_TIMEOUT_MS: &str = "60000";
-/// Records produced before waiting for the broker to confirm them.
+/// Records produced before waiting for the broker to confirm them...
 const CONFIRM_EVERY: usize = 1_000;
+/// ...or bytes of them: the letters of a chunk are held until their copies are confirmed.
+const CONFIRM_EVERY_BYTES: usize = 16 * 1024 * 1024;
 /// Headers that dead-lettering adds; a redriven record goes back without them.
 const DLQ_HEADER_PREFIX: &str = "dlq_";
 /// `dlq_stage` of the letters the bridge wrote.
@@ -62,6 +84,12 @@ pub enum RedriveError {
     BadRange,
     #[error("nothing was copied: {0}")]
     NothingCopied(String),
+    #[error("cannot use the database while {step}: {source}; a redrive records there what it copied, so that no letter is copied twice. Check postgres.url, and run `telemetry-worker migrate` if migrate_on_start is off")]
+    Database {
+        step: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error("{what}. Read so far, per partition (\"-\": nothing yet): {}; every selected letter before those offsets was copied and confirmed{}. Go on with --partition P --from-offset N from there", read_to(.progress), failed_letters(.progress))]
     Interrupted {
         what: String,
@@ -133,10 +161,14 @@ impl Selection {
 pub struct PartitionRedrive {
     pub partition: i32,
     /// Dead letters read, how many were copied back, and how many of the selected ones could
-    /// not be (a bridge letter whose topic names no device, or another source topic).
+    /// not be (a bridge letter whose topic names no device, another source topic, a letter
+    /// that lost its payload to the dead-letter topic's size limit).
     pub read: u64,
     pub redriven: u64,
     pub skipped: u64,
+    /// Selected letters not copied because their source record was copied already (by this
+    /// redrive or an earlier one) or is stored.
+    pub duplicates: u64,
     /// Where the next redrive starts: every selected letter before it was copied and
     /// confirmed, except those in `failed`. None when nothing was read.
     pub next_offset: Option<i64>,
@@ -149,7 +181,151 @@ pub struct PartitionRedrive {
 struct Pending {
     partition: i32,
     offset: i64,
+    origin: Origin,
     delivery: DeliveryFuture,
+}
+
+/// The record a letter stands for: see the module's documentation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Origin {
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+/// A selected letter, held until its copy is confirmed: where it is, the record it stands for,
+/// and what its copy carries.
+struct Letter {
+    partition: i32,
+    offset: i64,
+    origin: Origin,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Letter {
+    /// What a dead letter's copy carries; None when it cannot go to the telemetry topic
+    /// (another source topic, a bridge letter whose topic names no device, a letter whose
+    /// payload the dead-letter topic refused).
+    fn copy_of(
+        letter: &BorrowedMessage<'_>,
+        telemetry_topic: &str,
+        dlq_topic: &str,
+    ) -> Option<Self> {
+        let source = header_text(letter, header::DLQ_SOURCE_TOPIC);
+        if source
+            .as_ref()
+            .is_some_and(|source| source != telemetry_topic)
+        {
+            return None;
+        }
+        if header_text(letter, header::DLQ_TRUNCATED).is_some() {
+            return None;
+        }
+        let key = original_key(letter)?;
+        let headers = letter
+            .headers()
+            .into_iter()
+            .flat_map(|headers| headers.iter())
+            .filter(|h| !h.key.starts_with(DLQ_HEADER_PREFIX))
+            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+            .collect();
+        Some(Letter {
+            partition: letter.partition(),
+            offset: letter.offset(),
+            origin: origin(letter, source, dlq_topic),
+            key,
+            payload: letter.payload().map(<[u8]>::to_vec),
+            headers,
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum();
+        self.key.as_ref().map_or(0, Vec::len) + self.payload.as_ref().map_or(0, Vec::len) + headers
+    }
+
+    /// Produces the copy to the telemetry topic.
+    fn send(
+        &self,
+        producer: &FutureProducer,
+        telemetry_topic: &str,
+    ) -> Result<DeliveryFuture, KafkaError> {
+        let headers = self
+            .headers
+            .iter()
+            .fold(OwnedHeaders::new(), |headers, (key, value)| {
+                headers.insert(Header {
+                    key,
+                    value: value.as_deref(),
+                })
+            });
+        let mut record = FutureRecord::<[u8], [u8]>::to(telemetry_topic).headers(headers);
+        if let Some(key) = &self.key {
+            record = record.key(key);
+        }
+        if let Some(payload) = &self.payload {
+            record = record.payload(payload);
+        }
+        producer.send_result(record).map_err(|(error, _)| error)
+    }
+}
+
+/// The worker's letters stand for their source record; the bridge's, which never reached
+/// Kafka before, for themselves.
+fn origin(letter: &BorrowedMessage<'_>, source_topic: Option<String>, dlq_topic: &str) -> Origin {
+    let position = |name| header_text(letter, name).and_then(|v| v.parse::<i64>().ok());
+    match (
+        source_topic,
+        position(header::DLQ_SOURCE_PARTITION),
+        position(header::DLQ_SOURCE_OFFSET),
+    ) {
+        (Some(topic), Some(partition), Some(offset)) => Origin {
+            topic,
+            partition: partition as i32,
+            offset,
+        },
+        _ => Origin {
+            topic: dlq_topic.to_owned(),
+            partition: letter.partition(),
+            offset: letter.offset(),
+        },
+    }
+}
+
+/// The letters selected and not yet copied, and the records they stand for.
+#[derive(Default)]
+struct Chunk {
+    letters: Vec<Letter>,
+    bytes: usize,
+    /// Every record a letter of this run stands for.
+    seen: HashSet<Origin>,
+}
+
+impl Chunk {
+    /// Adds the letter; false when this run has a letter of the same record already.
+    fn add(&mut self, letter: Letter) -> bool {
+        if !self.seen.insert(letter.origin.clone()) {
+            return false;
+        }
+        self.bytes += letter.bytes();
+        self.letters.push(letter);
+        true
+    }
+
+    fn is_full(&self) -> bool {
+        self.letters.len() >= CONFIRM_EVERY || self.bytes >= CONFIRM_EVERY_BYTES
+    }
+
+    fn take(&mut self) -> Vec<Letter> {
+        self.bytes = 0;
+        std::mem::take(&mut self.letters)
+    }
 }
 
 /// Copies the selected dead letters of `config.kafka.dlq_topic` back to the telemetry topic and
@@ -162,6 +338,7 @@ pub async fn redrive(
 ) -> Result<Vec<PartitionRedrive>, RedriveError> {
     selection.check()?;
     let dlq_topic = config.kafka.dlq_topic.as_str();
+    let mut database = connect_database(config).await?;
     let consumer = create_consumer(config)?;
     let mut producer_config = config.kafka.durable_producer_config();
     producer_config.set("message.timeout.ms", DELIVERY_TIMEOUT_MS);
@@ -189,8 +366,13 @@ pub async fn redrive(
     drop(consumer);
     let consumer = create_consumer(config)?;
     assign(&consumer, dlq_topic, selection, ends.keys().copied())?;
+    let copier = Copier {
+        producer: &producer,
+        telemetry_topic: &config.kafka.topic,
+        dlq_topic,
+    };
     let mut open: BTreeSet<i32> = ends.keys().copied().collect();
-    let mut pending = Vec::new();
+    let mut chunk = Chunk::default();
     let mut interrupted_by = None;
     while !open.is_empty() {
         let letter = match next_letter(&consumer, dlq_topic, shutdown).await {
@@ -215,42 +397,218 @@ pub async fn redrive(
         let state = progress.get_mut(&partition).expect("an assigned partition");
         state.read += 1;
         if selection.wants(&letter) {
-            match copy_back(&producer, &letter, &config.kafka.topic) {
-                Ok(Some(delivery)) => {
-                    state.redriven += 1;
-                    pending.push(Pending {
-                        partition,
-                        offset: letter.offset(),
-                        delivery,
-                    });
+            match Letter::copy_of(&letter, &config.kafka.topic, dlq_topic) {
+                Some(copy) => {
+                    if !chunk.add(copy) {
+                        state.duplicates += 1;
+                    }
                 }
-                Ok(None) => state.skipped += 1,
-                Err(error) => {
-                    interrupted_by = Some(format!("cannot send a copy: {error}"));
-                    break;
-                }
+                None => state.skipped += 1,
             }
         }
-        // Not confirmed yet: `confirm` notes the copies that fail.
+        // Not copied yet: the chunk is copied before anything is reported, and `copy_chunk`
+        // notes the copies that fail.
         state.next_offset = Some(letter.offset() + 1);
         if letter.offset() + 1 >= ends[&partition] {
             close(&consumer, dlq_topic, &mut open, partition);
         }
-        if pending.len() >= CONFIRM_EVERY {
-            if let Err(failure) = confirm(std::mem::take(&mut pending), &mut progress).await {
+        if chunk.is_full() {
+            if let Err(failure) = copier
+                .copy_chunk(&mut database, chunk.take(), &mut progress)
+                .await
+            {
                 interrupted_by = Some(failure);
                 break;
             }
         }
     }
-    // Whatever went out is confirmed (or found failed) before anything is reported.
-    if let Err(failure) = confirm(pending, &mut progress).await {
-        interrupted_by.get_or_insert(failure);
+    // Whatever was selected is copied and confirmed (or found failed) before anything is
+    // reported.
+    let rest = chunk.take();
+    if !rest.is_empty() {
+        if let Err(failure) = copier.copy_chunk(&mut database, rest, &mut progress).await {
+            interrupted_by.get_or_insert(failure);
+        }
     }
     match interrupted_by {
         Some(what) => Err(interrupted(what, &progress)),
         None => Ok(progress.into_values().collect()),
     }
+}
+
+/// The database the worker stores in, with the `redriven_letters` table (migrated first unless
+/// `migrate_on_start` is off, as the worker does).
+async fn connect_database(config: &WorkerConfig) -> Result<tokio_postgres::Client, RedriveError> {
+    let (mut client, connection) =
+        tokio_postgres::connect(&config.postgres.url, tokio_postgres::NoTls)
+            .await
+            .map_err(database("connecting"))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::warn!(%error, "redrive's database connection closed");
+        }
+    });
+    if config.migrate_on_start {
+        crate::schema::migrate(&mut client).await.map_err(|error| {
+            RedriveError::NothingCopied(format!("cannot migrate the database: {error}"))
+        })?;
+    }
+    Ok(client)
+}
+
+fn chunk_error(step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> String {
+    move |error| {
+        format!("database error while {step}: {error}; the letters of this chunk were not copied")
+    }
+}
+
+fn database(step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> RedriveError {
+    move |source| RedriveError::Database { step, source }
+}
+
+/// Copies chunks of letters back, each source record once.
+struct Copier<'a> {
+    producer: &'a FutureProducer,
+    telemetry_topic: &'a str,
+    dlq_topic: &'a str,
+}
+
+impl Copier<'_> {
+    /// Claims the letters' records in `redriven_letters`, copies those it could claim, waits for
+    /// Kafka to confirm them, releases the claims of the copies that failed, and commits.
+    async fn copy_chunk(
+        &self,
+        database: &mut tokio_postgres::Client,
+        letters: Vec<Letter>,
+        progress: &mut BTreeMap<i32, PartitionRedrive>,
+    ) -> Result<(), String> {
+        let tx = database
+            .transaction()
+            .await
+            .map_err(chunk_error("opening a transaction"))?;
+        let claimed = self
+            .claim(&tx, &letters)
+            .await
+            .map_err(chunk_error("claiming letters in redriven_letters"))?;
+        let mut pending = Vec::with_capacity(claimed.len());
+        let mut unsent = Vec::new();
+        let mut failure = None;
+        for letter in letters {
+            let state = progress
+                .get_mut(&letter.partition)
+                .expect("an assigned partition");
+            if !claimed.contains(&letter.origin) {
+                state.duplicates += 1;
+                continue;
+            }
+            if failure.is_some() {
+                state.failed.push(letter.offset);
+                unsent.push(letter.origin);
+                continue;
+            }
+            match letter.send(self.producer, self.telemetry_topic) {
+                Ok(delivery) => {
+                    state.redriven += 1;
+                    pending.push(Pending {
+                        partition: letter.partition,
+                        offset: letter.offset,
+                        origin: letter.origin,
+                        delivery,
+                    });
+                }
+                Err(error) => {
+                    failure = Some(format!("cannot send a copy: {error}"));
+                    state.failed.push(letter.offset);
+                    unsent.push(letter.origin);
+                }
+            }
+        }
+        let (failed, confirm_failure) = confirm(pending, progress).await;
+        unsent.extend(failed);
+        release(&tx, &unsent)
+            .await
+            .map_err(chunk_error("releasing the claims of failed copies"))?;
+        // A COMMIT that fails leaves copies the table does not know: said, so they are checked.
+        tx.commit().await.map_err(|e| {
+            format!("the copies were sent, but recording them in redriven_letters failed ({e}); a redrive over the same letters copies them again")
+        })?;
+        match failure.or(confirm_failure) {
+            Some(failure) => Err(failure),
+            None => Ok(()),
+        }
+    }
+
+    /// The records of `letters` that no redrive copied before and that are not stored,
+    /// claimed in `tx`.
+    async fn claim(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        letters: &[Letter],
+    ) -> Result<HashSet<Origin>, tokio_postgres::Error> {
+        let topics: Vec<&str> = letters.iter().map(|l| l.origin.topic.as_str()).collect();
+        let partitions: Vec<i32> = letters.iter().map(|l| l.origin.partition).collect();
+        let offsets: Vec<i64> = letters.iter().map(|l| l.origin.offset).collect();
+        let dlq_partitions: Vec<i32> = letters.iter().map(|l| l.partition).collect();
+        let dlq_offsets: Vec<i64> = letters.iter().map(|l| l.offset).collect();
+        // raw_telemetry holds the rows of the worker's topic, by the position they came from.
+        let rows = tx
+            .query_typed(
+                "INSERT INTO redriven_letters (source_topic, source_partition, source_offset,
+                                               dlq_topic, dlq_partition, dlq_offset)
+                 SELECT v.st, v.sp, v.so, $1, v.lp, v.lo
+                 FROM unnest($2::text[], $3::int4[], $4::int8[], $5::int4[], $6::int8[])
+                      AS v(st, sp, so, lp, lo)
+                 WHERE NOT (v.st = $7 AND EXISTS (
+                     SELECT 1 FROM raw_telemetry AS r
+                     WHERE r.kafka_partition = v.sp AND r.kafka_offset = v.so))
+                 ORDER BY v.st, v.sp, v.so
+                 ON CONFLICT DO NOTHING
+                 RETURNING source_topic, source_partition, source_offset",
+                &[
+                    (&self.dlq_topic, Type::TEXT),
+                    (&topics, Type::TEXT_ARRAY),
+                    (&partitions, Type::INT4_ARRAY),
+                    (&offsets, Type::INT8_ARRAY),
+                    (&dlq_partitions, Type::INT4_ARRAY),
+                    (&dlq_offsets, Type::INT8_ARRAY),
+                    (&self.telemetry_topic, Type::TEXT),
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| Origin {
+                topic: row.get(0),
+                partition: row.get(1),
+                offset: row.get(2),
+            })
+            .collect())
+    }
+}
+
+/// Gives back the claims of copies that were not confirmed, so that they can be redriven.
+async fn release(
+    tx: &tokio_postgres::Transaction<'_>,
+    origins: &[Origin],
+) -> Result<(), tokio_postgres::Error> {
+    if origins.is_empty() {
+        return Ok(());
+    }
+    let topics: Vec<&str> = origins.iter().map(|o| o.topic.as_str()).collect();
+    let partitions: Vec<i32> = origins.iter().map(|o| o.partition).collect();
+    let offsets: Vec<i64> = origins.iter().map(|o| o.offset).collect();
+    tx.query_typed(
+        "DELETE FROM redriven_letters AS r
+         USING unnest($1::text[], $2::int4[], $3::int8[]) AS v(st, sp, so)
+         WHERE (r.source_topic, r.source_partition, r.source_offset) = (v.st, v.sp, v.so)",
+        &[
+            (&topics, Type::TEXT_ARRAY),
+            (&partitions, Type::INT4_ARRAY),
+            (&offsets, Type::INT8_ARRAY),
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 fn interrupted(what: String, progress: &BTreeMap<i32, PartitionRedrive>) -> RedriveError {
@@ -430,59 +788,20 @@ fn original_key(letter: &BorrowedMessage<'_>) -> Option<Option<Vec<u8>>> {
         .map(|device| Some(device.kafka_key().into_bytes()))
 }
 
-/// Produces a dead letter's key, value and original headers to the telemetry topic; None when
-/// it cannot go there.
-fn copy_back(
-    producer: &FutureProducer,
-    letter: &BorrowedMessage<'_>,
-    telemetry_topic: &str,
-) -> Result<Option<DeliveryFuture>, KafkaError> {
-    let source = header_text(letter, header::DLQ_SOURCE_TOPIC);
-    if source.is_some_and(|source| source != telemetry_topic) {
-        return Ok(None);
-    }
-    let Some(key) = original_key(letter) else {
-        return Ok(None);
-    };
-    let mut headers = OwnedHeaders::new();
-    for h in letter
-        .headers()
-        .into_iter()
-        .flat_map(|headers| headers.iter())
-    {
-        if !h.key.starts_with(DLQ_HEADER_PREFIX) {
-            headers = headers.insert(Header {
-                key: h.key,
-                value: h.value,
-            });
-        }
-    }
-    let mut record = FutureRecord::<[u8], [u8]>::to(telemetry_topic).headers(headers);
-    if let Some(key) = &key {
-        record = record.key(key);
-    }
-    if let Some(payload) = letter.payload() {
-        record = record.payload(payload);
-    }
-    producer
-        .send_result(record)
-        .map(Some)
-        .map_err(|(error, _)| error)
-}
-
 /// Waits for the copies. A copy that failed is noted with its partition: the letters after it
 /// were sent too, and were most likely confirmed, so going back to it would copy them twice.
-/// Returns the first failure.
+/// Returns the records whose copy failed, and the first failure.
 async fn confirm(
     pending: Vec<Pending>,
     progress: &mut BTreeMap<i32, PartitionRedrive>,
-) -> Result<(), String> {
+) -> (Vec<Origin>, Option<String>) {
     let (letters, deliveries): (Vec<_>, Vec<_>) = pending
         .into_iter()
-        .map(|p| ((p.partition, p.offset), p.delivery))
+        .map(|p| ((p.partition, p.offset, p.origin), p.delivery))
         .unzip();
     let mut failure = None;
-    for ((partition, offset), delivery) in letters
+    let mut failed = Vec::new();
+    for ((partition, offset, origin), delivery) in letters
         .into_iter()
         .zip(futures::future::join_all(deliveries).await)
     {
@@ -493,11 +812,12 @@ async fn confirm(
         };
         let state = progress.get_mut(&partition).expect("an assigned partition");
         state.failed.push(offset);
+        failed.push(origin);
         failure.get_or_insert(format!(
             "the telemetry topic did not confirm the copy of partition {partition} offset {offset}: {error}"
         ));
     }
-    failure.map_or(Ok(()), Err)
+    (failed, failure)
 }
 
 fn header_text(message: &BorrowedMessage<'_>, name: &str) -> Option<String> {

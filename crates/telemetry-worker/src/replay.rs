@@ -208,6 +208,60 @@ pub async fn rebuild(
     Ok(replays)
 }
 
+/// For partitions whose log now ends below the stored `next_offset` (the topic was deleted and
+/// created again, the cluster replaced, or the broker lost acknowledged records; the worker
+/// refuses to start them, see `crate::positions`): forgets that position and reads the log from
+/// the oldest record it keeps. Partitions whose log reaches the stored position are left alone.
+///
+/// Rows stored from the old log stay, with the partition and offset they came from; the new
+/// log's records reuse those offsets, so do not replay or rebuild ranges from before this.
+pub async fn start_new_log(
+    config: &WorkerConfig,
+    partitions: &[i32],
+) -> Result<Vec<PartitionReplay>, ReplayError> {
+    let group = GroupAdmin::new(config)?;
+    group.ensure_inactive()?;
+    let partitions = group.partitions(partitions)?;
+    let mut client = connect(config).await?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(postgres("beginning a transaction"))?;
+    let next = lock_positions(&tx, &config.kafka.topic, &partitions).await?;
+    let mut replays = Vec::new();
+    let mut starts = BTreeMap::new();
+    for (&partition, &next_offset) in &next {
+        let (oldest, end) = group.watermarks(partition)?;
+        if next_offset <= end {
+            continue;
+        }
+        tx.query_typed(
+            "UPDATE ingest_offsets
+             SET next_offset = $3, replay_from = NULL, replay_to = NULL, updated_at = now()
+             WHERE topic = $1 AND kafka_partition = $2",
+            &[
+                (&config.kafka.topic, Type::TEXT),
+                (&partition, Type::INT4),
+                (&oldest, Type::INT8),
+            ],
+        )
+        .await
+        .map_err(postgres("resetting the partition's position"))?;
+        starts.insert(partition, oldest);
+        replays.push(PartitionReplay {
+            partition,
+            from: oldest,
+            to: end,
+            deleted: 0,
+        });
+    }
+    tx.commit()
+        .await
+        .map_err(postgres("committing the new positions"))?;
+    group.commit_offsets(&starts)?;
+    Ok(replays)
+}
+
 /// Locks the partitions' offset rows and returns their `next_offset`.
 async fn lock_positions(
     tx: &tokio_postgres::Transaction<'_>,
@@ -320,11 +374,14 @@ impl GroupAdmin {
     }
 
     fn oldest_kept(&self, partition: i32) -> Result<i64, ReplayError> {
-        let (low, _high) = self
-            .consumer
+        Ok(self.watermarks(partition)?.0)
+    }
+
+    /// The oldest offset the partition keeps and where its log ends.
+    fn watermarks(&self, partition: i32) -> Result<(i64, i64), ReplayError> {
+        self.consumer
             .fetch_watermarks(&self.topic, partition, KAFKA_TIMEOUT)
-            .map_err(kafka("reading the oldest offset kept"))?;
-        Ok(low)
+            .map_err(kafka("reading the partition's oldest and end offsets"))
     }
 
     fn start_offsets(

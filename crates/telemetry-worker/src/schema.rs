@@ -57,6 +57,11 @@ pub const MIGRATIONS: Migrations = Migrations {
             name: "device_sequences",
             sql: include_str!("../migrations/0007_device_sequences.sql"),
         },
+        Migration {
+            version: 9,
+            name: "redriven_letters",
+            sql: include_str!("../migrations/0009_redriven_letters.sql"),
+        },
     ],
 };
 

@@ -6,8 +6,10 @@
 //! 1. lock the batch's partitions in `ingest_offsets` (`FOR UPDATE`, in partition order), which
 //!    also makes a replica that lost a partition in a rebalance, but still holds a batch for it,
 //!    wait for the new owner and then see what the new owner stored;
-//! 2. drop records below each partition's `next_offset`: they are already stored (inside a
-//!    replay window, see migration 0002, a record is stored again only if its row is missing);
+//! 2. refuse the batch if it starts a partition above its `next_offset` (the records between
+//!    were never read); drop records below each partition's `next_offset`: they are already
+//!    stored (inside a replay window, see migration 0002, a record is stored again only if its
+//!    row is missing);
 //! 3. drop the copies of readings stored already, by device and `seq` (see [`crate::dedup`]);
 //!    COPY the rest; if PostgreSQL rejects the data, roll back and store the batch again,
 //!    bisecting under savepoints to find the rows it rejects, and dead-letter those alone;
@@ -45,7 +47,7 @@ use tokio_postgres::Transaction;
 
 use crate::copy;
 use crate::dedup;
-use crate::dlq::DeadLetterProducer;
+use crate::dlq::{DeadLetterError, DeadLetterProducer};
 use crate::metrics;
 use crate::record::{Batch, DeadLetter, Row};
 
@@ -63,19 +65,29 @@ pub enum SinkError {
     Timeout(Duration),
     #[error(transparent)]
     Alerts(#[from] telemetry_alerts::AlertError),
-    #[error("cannot deliver dead letters to Kafka: {0}")]
-    DeadLetters(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    DeadLetters(#[from] DeadLetterError),
     #[error("shutdown requested while the database was unavailable; the batch was not stored and will be consumed again")]
     Shutdown,
     /// PostgreSQL refused some of the batch's rows when they were copied at once; the batch is
     /// stored again with the refused rows found one by one. Never returned from [`Sink::store`].
     #[error("PostgreSQL rejected rows of the batch; storing it again to find them")]
     RowsRejected,
+    #[error("partition {partition}: the batch starts at offset {first_offset} but ingest_offsets has stored only up to {resume_offset}, so the records in between would never be stored (the consumer started ahead of the database, e.g. at Kafka's committed offset after a database restore, or the broker moved it). Refused the batch and stopping; start the worker again: each partition then starts where ingest_offsets says, and offsets Kafka no longer keeps are recorded as skipped")]
+    StartsAboveStored {
+        partition: i32,
+        first_offset: i64,
+        resume_offset: i64,
+    },
 }
 
 pub(crate) fn step(step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SinkError {
     move |source| SinkError::Postgres { step, source }
 }
+
+/// Readiness checks the sink reports: the database, and the dead-letter topic.
+const POSTGRES: &str = "postgres";
+const DEAD_LETTER_TOPIC: &str = "kafka_dlq";
 
 /// What storing one batch did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -149,8 +161,11 @@ impl Sink {
         loop {
             let started = Instant::now();
             match self.store_once(batch).await {
+                // Storing it again cannot fill the gap.
+                Err(error @ SinkError::StartsAboveStored { .. }) => return Err(error),
                 Ok(stored) => {
-                    self.health.set("postgres", true);
+                    self.health.set(POSTGRES, true);
+                    self.health.set(DEAD_LETTER_TOPIC, true);
                     metrics::flushed(
                         batch.len(),
                         stored.written,
@@ -160,11 +175,18 @@ impl Sink {
                     return Ok(stored);
                 }
                 Err(error) => {
-                    self.health.set("postgres", false);
-                    let cause = match error {
-                        SinkError::DeadLetters(_) => "kafka_dead_letters",
-                        _ => "postgres",
+                    // Readiness names what failed: a dead-letter topic that refuses letters is
+                    // not a database outage.
+                    let (check, cause) = match error {
+                        SinkError::DeadLetters(_) => (DEAD_LETTER_TOPIC, "kafka_dead_letters"),
+                        _ => (POSTGRES, "postgres"),
                     };
+                    self.health.set(check, false);
+                    // Sending the same letter again cannot help: stop, saying what to fix.
+                    if let SinkError::DeadLetters(DeadLetterError::Refused { .. }) = error {
+                        tracing::error!(%error, "batch not stored: a dead letter is refused for good");
+                        return Err(error);
+                    }
                     metrics::retry(cause);
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %error, attempt = backoff.attempts(), retry_in_ms = delay.as_millis() as u64,
@@ -221,6 +243,9 @@ impl Sink {
             .await
             .map_err(step("beginning a transaction"))?;
         let positions = lock_offsets(&tx, &self.topic, &batch.next_offsets).await?;
+        if let Some(gap) = gap_before(batch, &positions) {
+            return Err(gap);
+        }
         let classify = |partition: i32, offset: i64| {
             positions
                 .get(&partition)
@@ -320,41 +345,27 @@ impl Sink {
     }
 }
 
-/// Evaluates the rules on the rows in order, with each device's state loaded from and saved to
+/// Evaluates the rules on the rows, with each device's state locked, loaded from and saved to
 /// `alert_state` in the batch's transaction, and stores the resulting alerts in the outbox
-/// table. The state therefore moves with the partition: whichever replica stores the next batch
-/// of a device reads the state the previous batch left.
+/// table (see `telemetry_alerts::outbox::evaluate_batch`). The state therefore moves with the
+/// device: whichever writer stores the next batch of a device, on this replica or another,
+/// waits for the previous one and reads the state it left.
 async fn evaluate_alerts<'a>(
     tx: &Transaction<'_>,
     stage: &AlertStage,
     rows: impl Iterator<Item = &'a Row>,
 ) -> Result<Vec<AlertEvent>, SinkError> {
-    let rows: Vec<&Row> = rows.collect();
+    let readings: Vec<Reading> = rows
+        .map(|row| Reading {
+            device: &row.device,
+            payload: &row.payload,
+            time: row.device_time.unwrap_or(row.received_at),
+            partition: row.partition,
+            offset: row.offset,
+        })
+        .collect();
     let rules = stage.rules.borrow().clone();
-    if rows.is_empty() || rules.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut states = outbox::load_states(tx, rows.iter().map(|r| &r.device)).await?;
-    let mut events = Vec::new();
-    for row in &rows {
-        let Some(state) = states.get_mut(&row.device) else {
-            continue;
-        };
-        events.extend(telemetry_alerts::evaluate(
-            &rules,
-            state,
-            &Reading {
-                device: &row.device,
-                payload: &row.payload,
-                time: row.device_time.unwrap_or(row.received_at),
-                partition: row.partition,
-                offset: row.offset,
-            },
-        ));
-    }
-    outbox::insert_events(tx, &events).await?;
-    outbox::save_states(tx, states.iter().filter(|(_, s)| s.changed())).await?;
-    Ok(events)
+    Ok(outbox::evaluate_batch(tx, &rules, &readings).await?)
 }
 
 /// What the database already says about one partition.
@@ -397,6 +408,30 @@ impl StoredPosition {
             None => self.next_offset,
         }
     }
+}
+
+/// The refusal of a batch that starts a partition above where its stored data ends (or its replay
+/// window begins): the records in between were never read, and storing the batch would move
+/// `next_offset` past them for good. Offsets in a partition have no holes here: the topic takes
+/// no transactional producers (whose commit markers take offsets) and is not compacted.
+fn gap_before(batch: &Batch, positions: &BTreeMap<i32, StoredPosition>) -> Option<SinkError> {
+    let mut first_offsets: BTreeMap<i32, i64> = BTreeMap::new();
+    let offsets = batch.rows.iter().map(|r| (r.partition, r.offset));
+    for (partition, offset) in offsets.chain(batch.dead.iter().map(|d| (d.partition, d.offset))) {
+        let first = first_offsets.entry(partition).or_insert(offset);
+        *first = (*first).min(offset);
+    }
+    first_offsets
+        .into_iter()
+        .map(|(partition, first_offset)| SinkError::StartsAboveStored {
+            partition,
+            first_offset,
+            resume_offset: positions.get(&partition).map_or(0, |p| p.resume_offset()),
+        })
+        .find(|gap| {
+            matches!(gap, SinkError::StartsAboveStored { first_offset, resume_offset, .. }
+                if first_offset > resume_offset)
+        })
 }
 
 /// Creates missing offset rows, locks the batch's partitions and returns what they say.

@@ -270,6 +270,48 @@ async fn a_backlog_is_stored_in_batches_not_record_by_record() {
     );
 }
 
+/// A backlog of large payloads fills batches by bytes, not by count: each batch stops before a
+/// record that would take it past `batch.max_bytes`, so a replica's memory stays bounded
+/// whatever the payloads weigh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_large_payloads_is_stored_in_batches_under_the_byte_bound() {
+    let fixture = Fixture::new(1);
+    let records: Vec<Record> = (0..30)
+        .map(|seq| Record {
+            key: fixture.key(0),
+            // A valid reading of about 1,000 bytes: readings are numbers, so a long one.
+            payload: format!(r#"{{"seq":{seq},"v":1.{}1}}"#, "0".repeat(1000)),
+            received_at_ms: Some(1_764_000_000_000 + seq),
+        })
+        .collect();
+    fixture.produce(&records).await;
+    let mut config = fixture.worker_config(&unique_name("group"));
+    // Batches close on bytes alone: the count and the window are far away.
+    config.batch.max_records = 1000;
+    config.batch.max_wait_ms = 2_000;
+    config.batch.linger_ms = 2_000;
+    config.batch.max_bytes = 4096;
+    let worker = fixture.start_worker_with(config);
+    assert_eq!(fixture.wait_for_rows(30, A_MINUTE).await, 30);
+    worker.stop().await;
+    fixture.assert_stored_exactly_once(&records).await;
+    let largest: i64 = fixture
+        .database()
+        .await
+        .query_one(
+            "SELECT max(n) FROM (SELECT count(*) AS n FROM raw_telemetry GROUP BY ingested_at) b",
+            &[],
+        )
+        .await
+        .expect("largest batch")
+        .get(0);
+    // Each record weighs a little over 1,000 bytes: three fit in 4,096, four do not.
+    assert!(
+        (1..=3).contains(&largest),
+        "a batch held {largest} records of 1 kB with batch.max_bytes = 4096"
+    );
+}
+
 /// A limit set too low dead-letters good readings, in the worker and in the bridge; after the
 /// fix, `redrive` copies the letters of that reason (and only those) back with their original
 /// headers and the contract key, and the worker stores them once.

@@ -48,6 +48,17 @@ impl Running {
             .expect("worker ran without error");
     }
 
+    /// Waits for the worker to stop by itself, which it must do with an error; returns it.
+    pub async fn stopped_with_error(mut self, within: Duration) -> String {
+        let Ok(outcome) = tokio::time::timeout(within, &mut self.task).await else {
+            self.task.abort();
+            panic!("the worker was still running after {within:?}");
+        };
+        outcome
+            .expect("worker task")
+            .expect_err("the worker stops with an error")
+    }
+
     /// Drops the worker mid-work, like a crash inside the process: whatever transaction it has
     /// open is abandoned.
     pub fn abort(self) {
