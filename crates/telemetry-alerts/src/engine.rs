@@ -4,7 +4,10 @@
 //! with the same ids. Time comes from the record (device time, else receive time), never from
 //! the clock, and an alert's id is derived from the rule, the device and the Kafka position of
 //! the reading that started it, so a replayed batch reproduces its alerts exactly and the
-//! outbox's `UNIQUE (alert_id, event)` drops the repeats.
+//! outbox's `UNIQUE (alert_id, event)` drops the repeats. Each event also has an id of its own
+//! ([`event_id`], derived from the alert id and the kind), which survives a database restore:
+//! the readings read again after it give the same events with the same ids, so subscribers and
+//! the broker recognise what they already have.
 //!
 //! Lifecycle of one rule on one device:
 //!
@@ -86,9 +89,15 @@ pub struct AlertEvent {
 }
 
 impl AlertEvent {
+    /// See [`event_id`].
+    pub fn event_id(&self) -> String {
+        event_id(&self.alert_id, self.kind)
+    }
+
     /// The MQTT message for this event, also stored as `alerts.body`.
     pub fn body(&self) -> Value {
         let mut body = serde_json::json!({
+            "event_id": self.event_id(),
             "alert_id": self.alert_id,
             "event": self.kind.as_str(),
             "rule": self.rule,
@@ -125,6 +134,20 @@ pub fn alert_id(rule: &str, device: &DeviceId, partition: i32, offset: i64) -> S
     }
     hash.update(partition.to_be_bytes());
     hash.update(offset.to_be_bytes());
+    crate::rules::hex(&hash.finalize()[..16])
+}
+
+/// The id of one event (a raise or a clear): 32 hex digits of SHA-256 over
+/// `{alert_id}/{event}`, e.g. `823f85c6ae9e8721d4de0697fd175b11/raised`. It depends on nothing
+/// but the event's cause, so the same event regenerated (a replay, or the readings read again
+/// after the database was restored from a backup) has the same id: subscribers deduplicate on
+/// it, and the outbox derives the MQTT packet id from it. In SQL:
+/// `encode(substr(sha256(convert_to(alert_id || '/' || event, 'UTF8')), 1, 16), 'hex')`.
+pub fn event_id(alert_id: &str, kind: EventKind) -> String {
+    let mut hash = Sha256::new();
+    hash.update(alert_id.as_bytes());
+    hash.update(b"/");
+    hash.update(kind.as_str().as_bytes());
     crate::rules::hex(&hash.finalize()[..16])
 }
 
@@ -1081,6 +1104,17 @@ cooldown = "10m"
     }
 
     #[test]
+    fn event_ids_depend_only_on_the_alert_and_the_kind() {
+        let alert = alert_id("hot", &device("alice", "thermo-1"), 0, 42);
+        let raised = event_id(&alert, EventKind::Raised);
+        assert_eq!(raised, event_id(&alert, EventKind::Raised));
+        assert_ne!(raised, event_id(&alert, EventKind::Cleared));
+        // Pinned (SHA-256 of "{alert_id}/{event}"): subscribers keep these ids to drop repeats,
+        // and the outbox derives packet ids from them, across versions and restores.
+        assert_eq!(raised, "cedc2ea8fc9cb3af9ac0df189785e188");
+    }
+
+    #[test]
     fn removing_a_rule_drops_its_state_and_unchanged_rules_keep_theirs() {
         let both = rules(
             r#"
@@ -1152,6 +1186,7 @@ for_samples = 2
         assert_eq!(
             event.body(),
             serde_json::json!({
+                "event_id": event_id(&alert_id("high-temp", &d.id, 3, 0), EventKind::Raised),
                 "alert_id": alert_id("high-temp", &d.id, 3, 0),
                 "event": "raised",
                 "rule": "high-temp",

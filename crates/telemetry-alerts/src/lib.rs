@@ -24,7 +24,7 @@ pub mod rules;
 pub mod watch;
 
 pub use config::AlertsConfig;
-pub use engine::{alert_id, evaluate, AlertEvent, DeviceState, EventKind, Reading};
+pub use engine::{alert_id, evaluate, event_id, AlertEvent, DeviceState, EventKind, Reading};
 pub use error::AlertError;
 pub use outbox::{Outbox, OutboxConfig, OutboxWaker, RELEASE_SQL, SCHEMA_SQL};
 pub use rules::{RuleSet, Severity};

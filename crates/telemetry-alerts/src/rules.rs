@@ -1156,4 +1156,30 @@ user = "bob"
             assert_eq!(ms(bad), None, "{bad}");
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(100))]
+
+        /// Loading any text, or a rule with any field values, either works or says why; it
+        /// never panics. `make fuzz` (fuzz/fuzz_targets/rules.rs) goes further.
+        #[test]
+        fn any_rules_file_loads_or_is_refused_without_panicking(
+            text in "\\PC{0,200}",
+            op in "[<>=!]{0,3}",
+            value in proptest::num::f64::ANY,
+            clear in proptest::num::f64::ANY,
+            duration in "[0-9]{0,4}[a-z]{0,3}",
+            reading in "[/a-z~01]{0,10}",
+        ) {
+            let _ = RuleSet::from_toml(&text);
+            let rule = format!(
+                "[[rule]]\nname = \"r\"\nreading = \"{reading}\"\nop = \"{op}\"\n\
+                 value = {value:?}\nclear = {clear:?}\nseverity = \"info\"\n\
+                 for_duration = \"{duration}\"\n"
+            );
+            if let Ok(rules) = RuleSet::from_toml(&rule) {
+                let _ = rules.for_device(&device("u", "d"));
+            }
+        }
+    }
 }

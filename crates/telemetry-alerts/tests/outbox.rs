@@ -277,6 +277,15 @@ impl Publisher {
     }
 }
 
+/// A stored row as the outbox publishes it: under the packet id of its row id and event id.
+fn as_published(row_id: i64, device: &DeviceId, body: Value) -> Outgoing {
+    Outgoing {
+        pkid: outbox::packet_id(row_id, body["event_id"].as_str()),
+        topic: device.alerts_topic(),
+        payload: serde_json::to_vec(&body).unwrap(),
+    }
+}
+
 /// Checks that `received` holds every event exactly once, each on its device's topic with its
 /// stored body, and in the order the events were stored for each device.
 fn assert_delivered_once_in_order(received: &[(String, Value)], stored: &[AlertEvent]) {
@@ -487,13 +496,10 @@ async fn a_publisher_killed_at_any_step_of_a_round_is_finished_by_the_next_witho
         .iter()
         .map(|row| {
             let device = DeviceId::new(&user, row.get::<_, &str>(1)).unwrap();
-            let body: Value = row.get(2);
-            let message = Outgoing {
-                pkid: outbox::packet_id(row.get(0)),
-                topic: device.alerts_topic(),
-                payload: serde_json::to_vec(&body).unwrap(),
-            };
-            (device.device, message)
+            (
+                device.device.clone(),
+                as_published(row.get(0), &device, row.get(2)),
+            )
         })
         .collect();
 
@@ -686,4 +692,134 @@ for_samples = 3
     let states = outbox::load_states(&tx, [&busy]).await.unwrap();
     assert!(states[&busy].is_empty());
     tx.commit().await.unwrap();
+}
+
+/// After the database is restored from a backup, the worker generates the alerts stored since
+/// the backup again (their readings are read again from Kafka), under row ids other alerts had
+/// before. Each keeps its `event_id`, so the owner recognises what it already received, and
+/// its packet id, so the broker recognises a message it still holds from before the restore as
+/// the same alert: Mosquitto holds it unreleased and delivers it once; EMQX, which delivers on
+/// receipt, would otherwise deliver it a second time and drop the alert that took over its
+/// packet id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_generated_again_after_a_restore_keep_their_event_ids_and_packet_ids() {
+    let servers = shared();
+    let db = fresh_database().await;
+    let user = unique_name("owner");
+    let (host, port) = (servers.mosquitto.host(), servers.mosquitto.port());
+    let mut subscriber = Subscriber::start(host, port, &user, false).await;
+    // Three devices on two partitions: thermo-0 and thermo-2 on 0, thermo-1 on 1.
+    let mut fleet = Fleet::new(&user, 3, 2);
+    let raised = fleet.events(1);
+    let cleared = fleet.events(1);
+
+    // Before the restore: the raises are published; the clears reach the broker but the
+    // publisher is killed before it releases them.
+    db.store(&raised).await;
+    let publisher = Publisher::start(&db, host, port, |c| c.poll_interval_ms = 100);
+    db.wait_until_all_published().await;
+    publisher.stop().await;
+    db.store(&cleared).await;
+    let packet_ids = |rows: Vec<tokio_postgres::Row>| -> BTreeMap<String, u16> {
+        rows.iter()
+            .map(|row| {
+                let body: Value = row.get(1);
+                let event = body["event_id"].as_str().unwrap_or_default().to_owned();
+                (
+                    event,
+                    outbox::packet_id(row.get(0), body["event_id"].as_str()),
+                )
+            })
+            .collect()
+    };
+    let all_rows = "SELECT id, body, device_id, kafka_partition FROM alerts ORDER BY id";
+    let before = db.direct.query(all_rows, &[]).await.unwrap();
+    let config = MqttConfig {
+        host: host.to_owned(),
+        port,
+        ..MqttConfig::default()
+    };
+    let deadline = || Instant::now() + Duration::from_secs(10);
+    let mut killed = Session::connect(&config, &format!("{}-p0", db.sessions), deadline())
+        .await
+        .unwrap();
+    let held: Vec<Outgoing> = before
+        .iter()
+        .filter(|row| row.get::<_, i32>(3) == 0 && row.get::<_, Value>(1)["event"] == "cleared")
+        .map(|row| {
+            let device = DeviceId::new(&user, row.get::<_, &str>(2)).unwrap();
+            as_published(row.get(0), &device, row.get(1))
+        })
+        .collect();
+    assert_eq!(held.len(), 2);
+    killed.publish(held, deadline()).await.unwrap();
+    drop(killed); // no DISCONNECT, no release: the broker holds both, undelivered
+    let first = subscriber.receive(raised.len()).await;
+    assert_delivered_once_in_order(&first, &raised);
+    let before = packet_ids(before);
+
+    // The restore: the backup was taken before any of these alerts, so the rows are gone and
+    // the row ids start again. Reading the records again, the worker stores partition 1's
+    // alerts first this time (its writer happened to commit first): every row id now belongs
+    // to another alert than before.
+    db.direct
+        .batch_execute("TRUNCATE alerts RESTART IDENTITY")
+        .await
+        .unwrap();
+    let on = |partition: i32| -> Vec<AlertEvent> {
+        raised
+            .iter()
+            .chain(&cleared)
+            .filter(|e| e.partition == partition)
+            .cloned()
+            .collect()
+    };
+    db.store(&on(1)).await;
+    db.store(&on(0)).await;
+    let after = packet_ids(db.direct.query(all_rows, &[]).await.unwrap());
+    assert_eq!(
+        after, before,
+        "each alert keeps its event id and packet id across the restore"
+    );
+
+    let publisher = Publisher::start(&db, host, port, |c| c.poll_interval_ms = 100);
+    db.wait_until_all_published().await;
+    publisher.stop().await;
+    let again = subscriber.receive(raised.len() + cleared.len()).await;
+    // The raises were delivered before the restore and, as the restored database cannot know
+    // that, are delivered again: the same messages, the same event ids. The clears the broker
+    // held are the messages it receives now, and are delivered once.
+    let mut received: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for (_, body) in first.iter().chain(&again) {
+        let event_id = body["event_id"]
+            .as_str()
+            .expect("every alert has an event_id");
+        received
+            .entry(event_id.to_owned())
+            .or_default()
+            .push(body.clone());
+    }
+    let expected: BTreeMap<String, Value> = raised
+        .iter()
+        .chain(&cleared)
+        .map(|e| (e.event_id(), e.body()))
+        .collect();
+    assert_eq!(
+        received.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>(),
+        "deduplicated on event_id: every alert, nothing else"
+    );
+    for event in raised.iter().chain(&cleared) {
+        let copies = &received[&event.event_id()];
+        assert!(
+            copies.iter().all(|body| *body == event.body()),
+            "{copies:?}"
+        );
+        let times = if event.kind == EventKind::Raised {
+            2
+        } else {
+            1
+        };
+        assert_eq!(copies.len(), times, "{copies:?}");
+    }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use support::{Fixture, Record};
-use telemetry_alerts::{DeviceState, Reading, RuleSet};
+use telemetry_alerts::{DeviceState, EventKind, Reading, RuleSet};
 use telemetry_core::contract::DeviceId;
 use telemetry_worker::replay::{self, ReplayStart};
 use test_servers::{free_addr, shared, unique_name};
@@ -241,6 +241,17 @@ async fn alerts_reach_their_owner_once_through_a_worker_kill_a_rebalance_and_a_r
         let id = (
             message["alert_id"].as_str().unwrap().to_owned(),
             message["event"].as_str().unwrap().to_owned(),
+        );
+        // What subscribers deduplicate on, e.g. after a database restore.
+        let kind = if id.1 == "raised" {
+            EventKind::Raised
+        } else {
+            EventKind::Cleared
+        };
+        assert_eq!(
+            message["event_id"].as_str(),
+            Some(telemetry_alerts::event_id(&id.0, kind).as_str()),
+            "{message}"
         );
         if !seen.insert(id.clone()) {
             duplicated.push(id);

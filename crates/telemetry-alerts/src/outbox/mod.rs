@@ -1,7 +1,8 @@
 //! The `alerts` table as an outbox, and the publisher that empties it over MQTT.
 //!
-//! - [`store`]: functions the worker calls inside its batch transaction: insert a batch's alert
-//!   events, load and save per-device rule state.
+//! - [`store`]: functions the worker calls inside its batch transaction: evaluate a batch
+//!   ([`evaluate_batch`]), which locks, loads and saves per-device rule state and inserts the
+//!   batch's alert events.
 //! - [`publish`]: [`Outbox`], which publishes unpublished rows with QoS 2 in order per device
 //!   and marks them published once the broker confirmed them; exactly once, even across a
 //!   crash (the guarantee and its conditions are stated there).
@@ -20,7 +21,7 @@ pub mod store;
 
 pub use config::{MqttConfig, OutboxConfig};
 pub use publish::{packet_id, Outbox, OutboxWaker};
-pub use store::{insert_events, load_states, save_states};
+pub use store::{evaluate_batch, insert_events, load_states, save_states};
 
 /// The `alerts` and `alert_state` tables; the worker applies it as one of its migrations.
 pub const SCHEMA_SQL: &str = include_str!("../../sql/alerts.sql");

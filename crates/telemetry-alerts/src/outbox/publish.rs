@@ -11,8 +11,9 @@
 //! 3. reads the locked partitions' unpublished rows in `id` order (after the lock and the
 //!    takeover, so it sees whatever the previous holder committed);
 //! 4. publishes each partition's rows on its session, in groups: PUBLISH with QoS 2 under a
-//!    packet id derived from the row id, wait for every PUBREC, commit `released_at` (on a
-//!    second connection, so the locks stay held), send PUBREL, wait for every PUBCOMP;
+//!    packet id derived from the event id ([`packet_id`]), wait for every PUBREC, commit
+//!    `released_at` (on a second connection, so the locks stay held), send PUBREL, wait for
+//!    every PUBCOMP;
 //! 5. sets `published_at` on the rows that completed and commits, which releases the locks.
 //!
 //! Why that is exactly once: the broker delivers a QoS 2 message once, and until it is
@@ -25,6 +26,13 @@
 //! `mqtt.await_rel_timeout` (300 s by default), so a publisher gone longer than that on EMQX
 //! can repeat an alert. A broker that loses its sessions (restarted without persistence)
 //! makes the publisher resend rows whose release was unconfirmed, at least once: logged.
+//!
+//! Restores: the packet id depends on the event, not on the row, so a database restored from a
+//! backup, whose worker generates the alerts after the backup again (under row ids that other
+//! alerts had before), publishes each under the packet id it had: a message the broker still
+//! holds from before is recognised as the same alert, never taken for another. What the broker
+//! already delivered, the restored database does not know: those alerts are delivered again,
+//! with the same `event_id`, which subscribers deduplicate on.
 //!
 //! Order: a partition's rows are published in `id` order, one group after the other, and a
 //! device's rows are in one partition (the worker writes a partition's batches one at a time,
@@ -76,7 +84,8 @@ WHERE p IS NOT NULL AND CASE WHEN p % $2 = $3 THEN pg_try_advisory_xact_lock($1,
 
 /// The oldest unpublished rows of the locked partitions, each partition read in index order.
 const SELECT_UNPUBLISHED: &str = "
-SELECT a.id, a.kafka_partition, a.user_id, a.device_id, a.body, a.released_at IS NOT NULL
+SELECT a.id, a.kafka_partition, a.user_id, a.device_id, a.body, a.released_at IS NOT NULL,
+       a.body->>'event_id'
 FROM unnest($1::int4[]) AS l(p)
 CROSS JOIN LATERAL (
     SELECT id, kafka_partition, user_id, device_id, body, released_at FROM alerts
@@ -137,6 +146,8 @@ impl From<AlertError> for RoundError {
 #[derive(Debug, Clone)]
 struct Pending {
     id: i64,
+    /// See [`packet_id`].
+    pkid: u16,
     topic: String,
     payload: Vec<u8>,
     /// PUBREL may already have gone out for it (`released_at` is set).
@@ -145,7 +156,7 @@ struct Pending {
 
 impl Pending {
     fn pkid(&self) -> u16 {
-        packet_id(self.id)
+        self.pkid
     }
 
     fn outgoing(&self) -> Outgoing {
@@ -157,17 +168,27 @@ impl Pending {
     }
 }
 
-/// The packet id a row is always published under: derived from its id, so that any publisher
-/// resending it uses the one the broker may still hold. MQTT packet ids are 1..=65535.
-pub fn packet_id(row_id: i64) -> u16 {
-    (row_id.rem_euclid(65_535) + 1) as u16
+/// The packet id a row is always published under, so that any publisher resending it uses the
+/// one the broker may still hold. MQTT packet ids are 1..=65535.
+///
+/// Derived from the row's `event_id` (the body's), which depends only on the alert's cause: the
+/// same alert generated again after a database restore, under another row id, keeps its packet
+/// id, and a row id reused by another alert brings no packet id with it. Rows stored before
+/// messages carried `event_id` keep the packet id of their row id, under which the broker may
+/// hold them.
+pub fn packet_id(row_id: i64, event_id: Option<&str>) -> u16 {
+    let key = event_id
+        .and_then(|id| id.get(..8))
+        .and_then(|prefix| u32::from_str_radix(prefix, 16).ok())
+        .map_or(row_id, i64::from);
+    (key.rem_euclid(65_535) + 1) as u16
 }
 
 /// Splits a partition's rows, in order, into groups of at most `max` that the broker holds
-/// unreleased at once. The rows stop before the first packet id the round already uses (rows
-/// 65,535 ids apart share one): releasing the earlier row again after a crash would release
-/// the later one, early, and it would then be published a second time. The rest wait for a
-/// later round, when the earlier row is marked published.
+/// unreleased at once. The rows stop before the first packet id the round already uses (two
+/// events share one in 65,535): releasing the earlier row again after a crash would release
+/// the later one, early, and it would then be published a second time. The rest wait for the
+/// next round, which starts at once, when the earlier row is marked published.
 fn in_flight_groups(rows: &[Pending], max: usize) -> Vec<&[Pending]> {
     let mut used = HashSet::new();
     let usable = rows
@@ -226,13 +247,14 @@ impl Outbox {
                 gauge_due = Instant::now() + self.config.poll_interval();
             }
             match self.round(pool, share, count_pending, &mut sessions).await {
-                Ok(published) => {
+                Ok(round) => {
                     backoff.reset();
                     if failing.take().is_some() {
                         tracing::info!("alert outbox publishing again");
                     }
-                    if published == self.config.batch_size {
-                        continue; // more may be waiting
+                    // A full read, or rows held back for a packet id the round already used.
+                    if round.read == self.config.batch_size || round.published < round.read {
+                        continue;
                     }
                     tokio::select! {
                         biased;
@@ -268,14 +290,14 @@ impl Outbox {
 
     /// One transaction: lock partitions, publish their oldest unpublished rows (each partition
     /// on its own session, all at once), mark those that completed. Returns how many alerts
-    /// were published; an error after some partitions completed still marks those.
+    /// were read and published; an error after some partitions completed still marks those.
     async fn round(
         &self,
         pool: &Pool,
         share: Share,
         count_pending: bool,
         sessions: &mut Sessions,
-    ) -> Result<usize, RoundError> {
+    ) -> Result<Round, RoundError> {
         let started = Instant::now();
         let mut client = pool.get().await.map_err(AlertError::Pool)?;
         let tx = client
@@ -303,7 +325,7 @@ impl Outbox {
         }
         if partitions.is_empty() {
             tx.commit().await.map_err(step("ending an outbox round"))?;
-            return Ok(0);
+            return Ok(Round::default());
         }
         // Release marks must be durable before PUBREL goes out, while this transaction keeps
         // holding the partitions' locks; so they are committed on a second connection.
@@ -314,6 +336,7 @@ impl Outbox {
         let (opened, mut failure) = self.open_sessions(&partitions, sessions, &recorder).await?;
         let connected: Vec<i32> = opened.keys().copied().collect();
         let by_partition = self.read_unpublished(&tx, &connected).await?;
+        let read = by_partition.values().map(Vec::len).sum();
         let mut published = Vec::new();
         if let Err(error) = self
             .publish_partitions(&recorder, &by_partition, opened, sessions, &mut published)
@@ -340,7 +363,10 @@ impl Outbox {
         }
         match failure {
             Some(error) => Err(error),
-            None => Ok(published.len()),
+            None => Ok(Round {
+                read,
+                published: published.len(),
+            }),
         }
     }
 
@@ -367,8 +393,10 @@ impl Outbox {
             // jsonb reads back byte-for-byte the same each time, so a resent message matches
             // the one the broker may hold, as the broker checks.
             let payload = serde_json::to_vec(&body).expect("a JSON value serializes");
+            let id = row.get(0);
             by_partition.entry(row.get(1)).or_default().push(Pending {
-                id: row.get(0),
+                id,
+                pkid: packet_id(id, row.get(6)),
                 topic: device.alerts_topic(),
                 payload,
                 released: row.get(5),
@@ -557,6 +585,15 @@ impl Outbox {
     }
 }
 
+/// What one round did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Round {
+    /// Unpublished rows read.
+    read: usize,
+    /// Of those, the ones published.
+    published: usize,
+}
+
 /// Open publishing sessions, by partition, kept between rounds.
 type Sessions = HashMap<i32, Session>;
 
@@ -614,6 +651,7 @@ mod tests {
         ids.iter()
             .map(|&id| Pending {
                 id,
+                pkid: packet_id(id, None),
                 topic: String::new(),
                 payload: Vec::new(),
                 released: false,
@@ -645,12 +683,26 @@ mod tests {
     }
 
     #[test]
-    fn packet_ids_are_never_zero_and_repeat_every_65535_rows() {
-        assert_eq!(packet_id(0), 1);
-        assert_eq!(packet_id(65_534), 65_535);
-        assert_eq!(packet_id(65_535), 1);
-        assert_eq!(packet_id(7), packet_id(7 + 65_535 * 3));
-        assert_ne!(packet_id(7), packet_id(8));
+    fn packet_ids_follow_the_event_id_and_rows_without_one_keep_their_row_ids() {
+        let event = "cedc2ea8fc9cb3af9ac0df189785e188";
+        // The first 32 bits of the event id, 0xcedc2ea8, mod 65,535, plus one.
+        assert_eq!(
+            packet_id(1, Some(event)),
+            0xcedc_2ea8_u32.rem_euclid(65_535) as u16 + 1
+        );
+        assert_eq!(packet_id(1, Some(event)), packet_id(2, Some(event)));
+        assert_ne!(
+            packet_id(1, Some(event)),
+            packet_id(1, Some("0000000000000000000000000000000a"))
+        );
+        assert_eq!(packet_id(0, None), 1);
+        assert_eq!(packet_id(65_534, None), 65_535);
+        assert_eq!(packet_id(65_535, None), 1);
+        assert_eq!(packet_id(7, None), packet_id(7 + 65_535 * 3, None));
+        assert_ne!(packet_id(7, None), packet_id(8, None));
+        // Never zero, whatever the id.
+        assert_eq!(packet_id(9, Some("ffffffff")), 1);
+        assert_eq!(packet_id(9, Some("not hex")), packet_id(9, None));
     }
 
     #[test]
