@@ -36,4 +36,15 @@ if ! command -v tansu >/dev/null && [ ! -x "$cargo_bin/tansu" ]; then
     # Without --locked tansu 0.6.0 does not build against today's crates.
     cargo install --locked tansu@0.6.0 --features dynostore,postgres
 fi
+# `make fuzz` only: the nightly toolchain and cargo-fuzz (about 2 minutes the first time).
+if [ "${INSTALL_FUZZ:-0}" = 1 ]; then
+    if ! rustup toolchain list | grep -q '^nightly'; then
+        echo "install-deps: installing the nightly toolchain for cargo-fuzz"
+        rustup toolchain install nightly --profile minimal
+    fi
+    if ! command -v cargo-fuzz >/dev/null && [ ! -x "$cargo_bin/cargo-fuzz" ]; then
+        echo "install-deps: installing cargo-fuzz (about 2 minutes the first time)"
+        cargo install cargo-fuzz --locked
+    fi
+fi
 echo "install-deps: postgresql, pgbouncer, mosquitto, mosquitto-clients and tansu are present"

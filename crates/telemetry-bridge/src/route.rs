@@ -382,4 +382,84 @@ mod tests {
         assert_eq!(telemetry.topic, kafka.topic);
         assert!(!router.find("legacy/x", &mut captures).unwrap().contract);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// MQTT 5 section 4.7 matching, level by level, written as plainly as possible to check
+        /// the real matcher against.
+        fn reference_match(filter: &[&str], topic: &[&str]) -> bool {
+            match (filter.first(), topic.first()) {
+                (Some(&"#"), _) => true,
+                (None, None) => true,
+                (Some(&"+"), Some(_)) => reference_match(&filter[1..], &topic[1..]),
+                (Some(level), Some(part)) if level == part => {
+                    reference_match(&filter[1..], &topic[1..])
+                }
+                _ => false,
+            }
+        }
+
+        /// Topics and filters over a tiny alphabet, so that matches are common.
+        fn topic() -> impl Strategy<Value = Vec<String>> {
+            prop::collection::vec("[ab]{0,2}", 1..5)
+        }
+
+        fn filter() -> impl Strategy<Value = Vec<String>> {
+            (
+                prop::collection::vec(prop_oneof!["[ab]{0,2}", Just("+".to_owned())], 1..5),
+                any::<bool>(),
+            )
+                .prop_map(|(mut levels, multi)| {
+                    if multi {
+                        levels.push("#".into());
+                    }
+                    levels
+                })
+                .prop_filter("a filter is never empty", |levels| {
+                    !levels.join("/").is_empty()
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+
+            #[test]
+            fn filters_match_exactly_the_topics_mqtt_says_they_match(
+                filter in filter(), topic in topic()
+            ) {
+                let text = filter.join("/");
+                let topic_text = topic.join("/");
+                let levels: Vec<&str> = filter.iter().map(String::as_str).collect();
+                let parts: Vec<&str> = topic.iter().map(String::as_str).collect();
+                let mut captures = Vec::new();
+                let parsed = Filter::parse(&text).unwrap();
+                prop_assert_eq!(
+                    parsed.matches(&topic_text, &mut captures),
+                    reference_match(&levels, &parts),
+                    "filter {:?} topic {:?}", text, topic_text
+                );
+            }
+
+            #[test]
+            fn any_filter_text_parses_or_is_refused_without_panicking(text in "\\PC{0,30}") {
+                if let Ok(filter) = Filter::parse(&text) {
+                    let _ = KeyTemplate::parse("{1}/{2}", filter.wildcards());
+                    prop_assert!(filter.matches(&text, &mut Vec::new()) || text.contains(['+', '#']) || text.starts_with('$'));
+                }
+            }
+
+            #[test]
+            fn a_key_template_renders_its_captures_in_order(
+                captures in prop::collection::vec("[a-z0-9]{1,8}", 1..4),
+                separator in "[-/:]",
+            ) {
+                let template: Vec<String> = (1..=captures.len()).map(|i| format!("{{{i}}}")).collect();
+                let key = KeyTemplate::parse(&template.join(&separator), captures.len()).unwrap();
+                let refs: Vec<&str> = captures.iter().map(String::as_str).collect();
+                prop_assert_eq!(key.render(&refs), captures.join(&separator));
+            }
+        }
+    }
 }

@@ -52,6 +52,9 @@ pub mod header {
     /// broke the schema, and the schema keyword that failed.
     pub const DLQ_SCHEMA_INSTANCE_PATH: &str = "dlq_schema_instance_path";
     pub const DLQ_SCHEMA_KEYWORD: &str = "dlq_schema_keyword";
+    /// Dead-letter records the dead-letter topic refused whole: what was dropped (the payload
+    /// and its size) and why. Such a letter cannot be redriven; its headers say what to look for.
+    pub const DLQ_TRUNCATED: &str = "dlq_truncated";
 }
 
 /// One device, as named by its MQTT topic and its Kafka key.
@@ -243,10 +246,13 @@ pub enum DeadLetterReason {
     NoMatchingRoute,
     /// The payload is JSON but breaks its bridge route's JSON Schema.
     SchemaViolation,
+    /// Kafka refused the record for good (too large for its topic, no right to write to the
+    /// topic): the bridge sends it here instead of retrying it forever.
+    RejectedByKafka,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 12] = [
+    pub const ALL: [DeadLetterReason; 13] = [
         DeadLetterReason::InvalidTopic,
         DeadLetterReason::InvalidKey,
         DeadLetterReason::PayloadTooLarge,
@@ -259,6 +265,7 @@ impl DeadLetterReason {
         DeadLetterReason::RejectedByDatabase,
         DeadLetterReason::NoMatchingRoute,
         DeadLetterReason::SchemaViolation,
+        DeadLetterReason::RejectedByKafka,
     ];
 
     pub fn code(self) -> &'static str {
@@ -275,6 +282,7 @@ impl DeadLetterReason {
             DeadLetterReason::RejectedByDatabase => "rejected_by_database",
             DeadLetterReason::NoMatchingRoute => "no_matching_route",
             DeadLetterReason::SchemaViolation => "schema_violation",
+            DeadLetterReason::RejectedByKafka => "rejected_by_kafka",
         }
     }
 }
@@ -322,6 +330,7 @@ impl<'de> Visitor<'de> for PayloadVisitor {
         };
         let mut seen_ts = false;
         let mut seen_seq = false;
+        let mut names = Names::default();
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             if verdict.is_err() {
                 // Keep parsing so that broken JSON later on is still reported as broken JSON.
@@ -352,6 +361,7 @@ impl<'de> Visitor<'de> for PayloadVisitor {
                 name => {
                     let counted = map.next_value_seed(ReadingSeed { depth: 1 })?;
                     check_member_name(name)
+                        .and(names.first_time(&key))
                         .and(counted)
                         .map(|n| telemetry.readings += n)
                         .map_err(|why| PayloadError::BadReading {
@@ -388,6 +398,23 @@ impl<'de> Visitor<'de> for PayloadVisitor {
     fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         Ok(Err(PayloadError::NotObject))
+    }
+}
+
+/// The member names of one object seen so far. `jsonb` (and every JSON library the readers use)
+/// keeps only the last of two members with one name, so a payload that names a reading twice
+/// would lose one value without a word: it is refused instead.
+#[derive(Default)]
+struct Names<'de>(std::collections::HashSet<std::borrow::Cow<'de, str>>);
+
+impl<'de> Names<'de> {
+    #[allow(clippy::ptr_arg)] // the Cow is cloned into the set, cheaply when it borrows
+    fn first_time(&mut self, name: &std::borrow::Cow<'de, str>) -> Result<(), String> {
+        if self.0.insert(name.clone()) {
+            Ok(())
+        } else {
+            Err("appears twice; each name holds one reading".into())
+        }
     }
 }
 
@@ -555,12 +582,14 @@ impl<'de> Visitor<'de> for ReadingSeed {
         } else {
             Ok(0)
         };
+        let mut names = Names::default();
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             let inner = map.next_value_seed(ReadingSeed {
                 depth: self.depth + 1,
             })?;
             if let Ok(total) = verdict {
                 verdict = check_member_name(&key)
+                    .and(names.first_time(&key))
                     .and(inner)
                     .map(|n| total + n)
                     .map_err(|why| format!("member '{}' {why}", key.escape_debug()));
@@ -749,6 +778,11 @@ mod tests {
             ),
             (r#"{"bad\u0000name":1}"#, DeadLetterReason::InvalidReading),
             (r#"{"":1}"#, DeadLetterReason::InvalidReading),
+            (r#"{"v":1,"v":2}"#, DeadLetterReason::InvalidReading),
+            (
+                r#"{"gps":{"lat":1,"lat":2}}"#,
+                DeadLetterReason::InvalidReading,
+            ),
             (r#"{"ts":1,"seq":1}"#, DeadLetterReason::NoReadings),
             (r#"{}"#, DeadLetterReason::NoReadings),
         ];
@@ -784,5 +818,87 @@ mod tests {
         let codes: std::collections::HashSet<_> =
             DeadLetterReason::ALL.iter().map(|r| r.code()).collect();
         assert_eq!(codes.len(), DeadLetterReason::ALL.len());
+    }
+
+    /// Properties over generated input, a bounded number of cases so `cargo test` stays quick;
+    /// `make fuzz` explores the same functions for longer (fuzz/).
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// An id the contract accepts: printable characters but `/`, `+` and `#`.
+        fn id() -> impl Strategy<Value = String> {
+            "[^/+#\\p{Cc}]{1,32}".prop_filter("at most MAX_ID_BYTES", |s| s.len() <= MAX_ID_BYTES)
+        }
+
+        fn reading() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(3, 16, 4, |inner| {
+                prop::collection::btree_map("[a-z]{1,6}", inner, 1..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect()))
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(200))]
+
+            #[test]
+            fn any_bytes_as_a_topic_never_panic_and_accepted_topics_round_trip(
+                topic in prop::collection::vec(any::<u8>(), 0..80)
+            ) {
+                if let Ok(id) = parse_telemetry_topic(&topic) {
+                    prop_assert_eq!(id.telemetry_topic().into_bytes(), topic);
+                    prop_assert_eq!(parse_kafka_key(id.kafka_key().as_bytes()), Ok(id));
+                }
+            }
+
+            #[test]
+            fn every_valid_user_and_device_make_a_topic_and_key_that_parse_back(
+                user in id(), device in id()
+            ) {
+                let id = DeviceId::new(&user, &device).unwrap();
+                prop_assert_eq!(parse_telemetry_topic(id.telemetry_topic().as_bytes()), Ok(id.clone()));
+                prop_assert_eq!(parse_kafka_key(id.kafka_key().as_bytes()), Ok(id));
+            }
+
+            #[test]
+            fn any_bytes_as_a_payload_never_panic_and_accepted_payloads_are_json_objects(
+                payload in prop::collection::vec(any::<u8>(), 0..200)
+            ) {
+                if decode_payload(&payload, DEFAULT_MAX_PAYLOAD_BYTES).is_ok() {
+                    let value: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                    prop_assert!(value.is_object());
+                }
+            }
+
+            #[test]
+            fn well_formed_payloads_decode_with_their_ts_seq_and_reading_count(
+                ts in 0i64..253_402_300_799_999,
+                seq in 0i64..=i64::MAX,
+                readings in prop::collection::btree_map("[a-z]{1,8}", reading(), 1..6),
+            ) {
+                let mut object = serde_json::Map::new();
+                object.insert("ts".into(), ts.into());
+                object.insert("seq".into(), seq.into());
+                fn leaves(value: &serde_json::Value) -> usize {
+                    match value {
+                        serde_json::Value::Object(m) => m.values().map(leaves).sum(),
+                        _ => 1,
+                    }
+                }
+                let expected: usize = readings.values().map(leaves).sum();
+                object.extend(readings);
+                let payload = serde_json::to_vec(&object).unwrap();
+                let t = decode_payload(&payload, usize::MAX).unwrap();
+                prop_assert_eq!(t.device_time.map(|t| t.timestamp_millis()), Some(ts));
+                prop_assert_eq!(t.seq, Some(seq));
+                prop_assert_eq!(t.readings, expected);
+            }
+        }
     }
 }
