@@ -13,6 +13,15 @@
 #   scripts/stack.sh fresh-kafka          restart Tansu with empty topics, and the worker, the
 #                                         bridge and the API that use it (benchmarks do, so that
 #                                         records of earlier runs do not slow Tansu down)
+#   scripts/stack.sh workers N            run N worker replicas in the consumer group (the first
+#                                         on WORKER_HTTP, replica i on its port + 10 x (i - 1))
+#   scripts/stack.sh stop-postgres MODE   stop PostgreSQL with pg_ctl's fast or immediate mode
+#                                         (`up` starts it again); for fault drills
+#
+# KAFKA_STORAGE picks Tansu's storage: `memory` (default; fast, but empty after a restart) or
+# `postgres` (durable: records, offsets and groups survive a broker restart; about 8k msg/s out)
+# on a PostgreSQL instance of its own, so that restarting the pipeline's database is not also a
+# Kafka outage.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,6 +30,12 @@ PG_PORT=${PG_PORT:-55432}
 PGBOUNCER_PORT=${PGBOUNCER_PORT:-56432}
 MQTT_PORT=${MQTT_PORT:-51883}
 KAFKA_PORT=${KAFKA_PORT:-59092}
+# The Kafka address clients are given. Tansu advertises it; a fault drill points it at a TCP
+# proxy in front of KAFKA_PORT to cut the path.
+KAFKA_CLIENT_PORT=${KAFKA_CLIENT_PORT:-$KAFKA_PORT}
+KAFKA_STORAGE=${KAFKA_STORAGE:-memory}
+# Tansu's own PostgreSQL (KAFKA_STORAGE=postgres).
+KAFKA_PG_PORT=${KAFKA_PG_PORT:-55433}
 WORKER_HTTP=${WORKER_HTTP:-127.0.0.1:9101}
 BRIDGE_HTTP=${BRIDGE_HTTP:-127.0.0.1:9102}
 API_HTTP=${API_HTTP:-127.0.0.1:9103}
@@ -34,7 +49,8 @@ PARTITIONS=${PARTITIONS:-12}
 WORKER_BATCH_MAX_WAIT_MS=${WORKER_BATCH_MAX_WAIT_MS:-}
 # Empty: the worker's default (batch.linger_ms, 5 ms).
 WORKER_BATCH_LINGER_MS=${WORKER_BATCH_LINGER_MS:-}
-# A TOML file with more worker settings (e.g. `[kafka.properties]`); the flags above win.
+# A TOML file with more worker settings (e.g. `[kafka.properties]`), used instead of the one the
+# stack writes per replica (see worker_config); the flags above win.
 WORKER_CONFIG=${WORKER_CONFIG:-}
 # How long the bridge's producer waits to fill a batch (librdkafka linger.ms; the bridge's own
 # default is 5 ms, right for Kafka and Redpanda). Tansu's CPU cost is per produce batch: at
@@ -70,25 +86,38 @@ wait_for() { # description, command...
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-start_postgres() {
-    local data="$STACK_DIR/postgres"
+# Starts the PostgreSQL instance in $STACK_DIR/NAME on PORT (created on first use) and creates
+# DATABASE in it.
+start_pg_instance() { # name, port, database
+    local name=$1 port=$2 database=$3
+    local data="$STACK_DIR/$name"
     if [ ! -d "$data" ]; then
         install -d -m 700 "$data"
         [ "$(id -u)" -eq 0 ] && chown postgres: "$data"
         as_db_user "$pg_bin/initdb" -D "$data" -U postgres -A trust >/dev/null
     fi
     if ! as_db_user "$pg_bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
-        log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
-        touch "$STACK_DIR/postgres.log"
+        log "starting PostgreSQL ($name) on 127.0.0.1:$port"
+        touch "$STACK_DIR/$name.log"
         install -d "$STACK_DIR/run"
-        [ "$(id -u)" -eq 0 ] && chown postgres: "$STACK_DIR/postgres.log" "$STACK_DIR/run"
-        as_db_user "$pg_bin/pg_ctl" -D "$data" -l "$STACK_DIR/postgres.log" -w start \
-            -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $STACK_DIR/run -c max_connections=200" >/dev/null
+        [ "$(id -u)" -eq 0 ] && chown postgres: "$STACK_DIR/$name.log" "$STACK_DIR/run"
+        # A drill's immediate stop can leave the pid file of a dead postmaster behind;
+        # pg_ctl start copes with it, and recovery replays the WAL.
+        as_db_user "$pg_bin/pg_ctl" -D "$data" -l "$STACK_DIR/$name.log" -w start \
+            -o "-p $port -c listen_addresses=127.0.0.1 -k $STACK_DIR/run -c max_connections=200" >/dev/null
     fi
-    if ! as_db_user "$pg_bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -Atc \
-        "SELECT 1 FROM pg_database WHERE datname = '$DATABASE'" | grep -q 1; then
-        as_db_user "$pg_bin/createdb" -h 127.0.0.1 -p "$PG_PORT" -U postgres "$DATABASE"
+    if ! as_db_user "$pg_bin/psql" -h 127.0.0.1 -p "$port" -U postgres -Atc \
+        "SELECT 1 FROM pg_database WHERE datname = '$database'" | grep -q 1; then
+        as_db_user "$pg_bin/createdb" -h 127.0.0.1 -p "$port" -U postgres "$database"
     fi
+}
+
+start_postgres() { start_pg_instance postgres "$PG_PORT" "$DATABASE"; }
+
+stop_postgres() { # fast|immediate
+    case ${1:-} in fast|immediate) ;; *) log "stop-postgres takes fast or immediate"; exit 2 ;; esac
+    as_db_user "$pg_bin/pg_ctl" -D "$STACK_DIR/postgres" -m "$1" -w stop >/dev/null
+    log "stopped postgres ($1)"
 }
 
 # The bridge's config file: BRIDGE_CONFIG, or one that sets the producer's linger for Tansu.
@@ -202,17 +231,49 @@ add_users() { # prefix, count
         -u "$last" -P "secret-$last" -i "stack-users-check-$$" -t "users/$last/devices/+/alerts" -E
 }
 
+# Tansu's PostgreSQL engine needs its tables first. Tansu 0.6.0 ships them only as SQLite DDL
+# (tansu-storage's src/ddl, which `cargo install` leaves in cargo's registry); its PostgreSQL
+# queries use the same tables and columns, so scripts/tansu-pg-schema.pl writes the PostgreSQL
+# types its engine binds (and `record.transaction_id`, which its PostgreSQL fetch reads).
+tansu_ddl_dir() {
+    ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/tansu-storage-0.6.0/src/ddl 2>/dev/null | head -n 1
+}
+
+start_kafka_storage() {
+    [ "$KAFKA_STORAGE" = postgres ] || return 0
+    start_pg_instance kafka-postgres "$KAFKA_PG_PORT" tansu
+    local has_schema
+    has_schema=$(as_db_user "$pg_bin/psql" -h 127.0.0.1 -p "$KAFKA_PG_PORT" -U postgres -d tansu -qAtc \
+        "SELECT to_regclass('record') IS NOT NULL")
+    [ "$has_schema" = t ] && return
+    local ddl; ddl=$(tansu_ddl_dir)
+    [ -n "$ddl" ] || { log "Tansu's DDL (tansu-storage-0.6.0/src/ddl) is not in cargo's registry; run: cargo install --locked --force tansu@0.6.0 --features dynostore,postgres"; exit 1; }
+    perl "$here/scripts/tansu-pg-schema.pl" "$ddl" |
+        as_db_user "$pg_bin/psql" -h 127.0.0.1 -p "$KAFKA_PG_PORT" -U postgres -d tansu -q -v ON_ERROR_STOP=1 >/dev/null
+    log "created Tansu's tables in postgres://127.0.0.1:$KAFKA_PG_PORT/tansu"
+}
+
+kafka_storage_url() {
+    case $KAFKA_STORAGE in
+        memory) echo memory://tansu/ ;;
+        postgres) echo "postgres://postgres@127.0.0.1:$KAFKA_PG_PORT/tansu?sslmode=disable" ;;
+        *) log "KAFKA_STORAGE must be memory or postgres, got '$KAFKA_STORAGE'"; exit 2 ;;
+    esac
+}
+
 start_tansu() {
     alive "$STACK_DIR/tansu.pid" && return
-    forget_offsets
+    local storage; storage=$(kafka_storage_url)
+    [ "$KAFKA_STORAGE" = memory ] && forget_offsets
     [ -x "$tansu_bin" ] || { log "tansu not found; run: make deps"; exit 1; }
-    log "starting Tansu (Kafka API, memory storage) on 127.0.0.1:$KAFKA_PORT"
+    start_kafka_storage
+    log "starting Tansu (Kafka API, $KAFKA_STORAGE storage) on 127.0.0.1:$KAFKA_PORT, advertised as 127.0.0.1:$KAFKA_CLIENT_PORT"
     # exec: the pid file names Tansu itself, and no shell is left holding this script's stdout
     # open (which would keep a caller reading it, e.g. `make demo | tee`, waiting forever).
     (cd "$STACK_DIR" && RUST_LOG=warn exec nohup "$tansu_bin" broker \
         --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-        --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-        --storage-engine memory://tansu/) < /dev/null > "$STACK_DIR/tansu.log" 2>&1 &
+        --advertised-listener-url "tcp://127.0.0.1:$KAFKA_CLIENT_PORT" \
+        --storage-engine "$storage") < /dev/null >> "$STACK_DIR/tansu.log" 2>&1 &
     echo $! > "$STACK_DIR/tansu.pid"
     wait_for Tansu port_open "$KAFKA_PORT"
     for topic in iot-stream iot-stream-dlq; do
@@ -240,7 +301,8 @@ start_stage() { # name, args...
     local name=$1; shift
     alive "$STACK_DIR/$name.pid" && return
     log "starting $name"
-    nohup "$BIN_DIR/$name" "$@" < /dev/null > "$STACK_DIR/$name.log" 2>&1 &
+    # STAGE_BINARY: when the name is a replica's (telemetry-worker-2), not the binary's.
+    nohup "$BIN_DIR/${STAGE_BINARY:-$name}" "$@" < /dev/null > "$STACK_DIR/$name.log" 2>&1 &
     echo $! > "$STACK_DIR/$name.pid"
 }
 
@@ -262,24 +324,68 @@ start_api() { # brokers
     wait_for "the API's /readyz" curl -fsS "http://$API_HTTP/readyz"
 }
 
+# Worker replica I (1 is the stack's first): its pid file, /metrics address and MQTT client id.
+worker_name() { if [ "$1" -eq 1 ]; then echo telemetry-worker; else echo "telemetry-worker-$1"; fi; }
+worker_http() { echo "${WORKER_HTTP%:*}:$(( ${WORKER_HTTP##*:} + 10 * ($1 - 1) ))"; }
+
+start_worker() { # replica number
+    local replica=$1 name; name=$(worker_name "$1")
+    alive "$STACK_DIR/$name.pid" && return
+    local extra=()
+    [ -z "$WORKER_BATCH_MAX_WAIT_MS" ] || extra=(--batch-max-wait-ms "$WORKER_BATCH_MAX_WAIT_MS")
+    [ -z "$WORKER_BATCH_LINGER_MS" ] || extra+=(--batch-linger-ms "$WORKER_BATCH_LINGER_MS")
+    extra+=(--config "$(worker_config "$replica")")
+    local client_id=telemetry-worker-alerts-local
+    [ "$replica" -eq 1 ] || client_id="$client_id-$replica"
+    TELEMETRY_WORKER_ALERTS__OUTBOX__MQTT__USERNAME=telemetry-worker \
+    TELEMETRY_WORKER_ALERTS__OUTBOX__MQTT__PASSWORD=telemetry-worker \
+    STAGE_BINARY=telemetry-worker \
+        start_stage "$name" --brokers "$(kafka_brokers)" --http-listen "$(worker_http "$replica")" \
+        --database-url "postgres://postgres@127.0.0.1:$PGBOUNCER_PORT/$DATABASE" \
+        --alert-rules "$here/deploy/alerts/rules.toml" --alerts-mqtt-host 127.0.0.1 \
+        --alerts-mqtt-port "$MQTT_PORT" --alerts-mqtt-client-id "$client_id" \
+        ${extra[@]+"${extra[@]}"}
+}
+
+kafka_brokers() { echo "127.0.0.1:$KAFKA_CLIENT_PORT"; }
+
+# Replica I's config file: WORKER_CONFIG if given, else one that gives the replica a static
+# consumer-group identity. Tansu 0.6.0 never expires a member that died without leaving the
+# group (kill -9): the group keeps it, rebalances no more, and a replica started in its place
+# is assigned nothing. A restarted replica with the same group.instance.id takes the dead one's
+# place and its partitions at once (Kafka's static membership, KIP-345), on Kafka too.
+worker_config() { # replica number
+    if [ -n "$WORKER_CONFIG" ]; then echo "$WORKER_CONFIG"; return; fi
+    local path="$STACK_DIR/worker-$1.toml"
+    printf '[kafka.properties]\n"group.instance.id" = "telemetry-worker-local-%s"\n' "$1" > "$path"
+    echo "$path"
+}
+
+# Runs exactly COUNT worker replicas: starts the missing ones, stops (SIGTERM, so each hands its
+# partitions back) those above COUNT.
+scale_workers() { # count
+    local count=$1
+    case $count in ''|*[!0-9]*|0) log "workers takes a number of replicas from 1, got '$count'"; exit 2 ;; esac
+    for replica in $(seq 1 "$count"); do start_worker "$replica"; done
+    for replica in $(seq 1 "$count"); do
+        wait_for "worker $replica's /readyz" curl -fsS "http://$(worker_http "$replica")/readyz"
+    done
+    for pidfile in "$STACK_DIR"/telemetry-worker-*.pid; do
+        [ -e "$pidfile" ] || continue
+        local replica=${pidfile##*-}; replica=${replica%.pid}
+        [ "$replica" -gt "$count" ] && stop_pidfile "telemetry-worker-$replica" && rm -f "$pidfile"
+    done
+    log "$count worker replica(s) running"
+}
+
 up() {
     install -d -m 755 "$STACK_DIR"
     start_postgres
     start_pgbouncer
     start_mosquitto
     start_tansu
-    local brokers="127.0.0.1:$KAFKA_PORT"
-    local batch_wait=()
-    [ -z "$WORKER_BATCH_MAX_WAIT_MS" ] || batch_wait=(--batch-max-wait-ms "$WORKER_BATCH_MAX_WAIT_MS")
-    [ -z "$WORKER_BATCH_LINGER_MS" ] || batch_wait+=(--batch-linger-ms "$WORKER_BATCH_LINGER_MS")
-    [ -z "$WORKER_CONFIG" ] || batch_wait+=(--config "$WORKER_CONFIG")
-    TELEMETRY_WORKER_ALERTS__OUTBOX__MQTT__USERNAME=telemetry-worker \
-    TELEMETRY_WORKER_ALERTS__OUTBOX__MQTT__PASSWORD=telemetry-worker \
-        start_stage telemetry-worker --brokers "$brokers" --http-listen "$WORKER_HTTP" \
-        --database-url "postgres://postgres@127.0.0.1:$PGBOUNCER_PORT/$DATABASE" \
-        --alert-rules "$here/deploy/alerts/rules.toml" --alerts-mqtt-host 127.0.0.1 \
-        --alerts-mqtt-port "$MQTT_PORT" --alerts-mqtt-client-id telemetry-worker-alerts-local \
-        ${batch_wait[@]+"${batch_wait[@]}"}
+    local brokers; brokers=$(kafka_brokers)
+    start_worker 1
     alive "$STACK_DIR/telemetry-bridge.pid" || write_bridge_config
     TELEMETRY_BRIDGE_MQTT__USERNAME=telemetry-bridge \
     TELEMETRY_BRIDGE_MQTT__PASSWORD=telemetry-bridge \
@@ -291,6 +397,14 @@ up() {
     wait_for "the bridge's /readyz" curl -fsS "http://$BRIDGE_HTTP/readyz"
     start_api "$brokers"
     status
+}
+
+stop_workers() {
+    for pidfile in "$STACK_DIR"/telemetry-worker-*.pid; do
+        [ -e "$pidfile" ] || continue
+        local name=${pidfile##*/}; stop_pidfile "${name%.pid}"; rm -f "$pidfile"
+    done
+    stop_pidfile telemetry-worker
 }
 
 stop_pidfile() { # name
@@ -305,11 +419,14 @@ stop_pidfile() { # name
 }
 
 down() {
-    for name in telemetry-api telemetry-bridge telemetry-worker tansu mosquitto run/pgbouncer; do stop_pidfile "$name"; done
-    if [ -d "$STACK_DIR/postgres" ]; then
-        as_db_user "$pg_bin/pg_ctl" -D "$STACK_DIR/postgres" -m fast -w stop >/dev/null 2>&1 || true
-        log "stopped postgres"
-    fi
+    stop_workers
+    for name in telemetry-api telemetry-bridge tansu mosquitto run/pgbouncer; do stop_pidfile "$name"; done
+    for instance in postgres kafka-postgres; do
+        if [ -d "$STACK_DIR/$instance" ]; then
+            as_db_user "$pg_bin/pg_ctl" -D "$STACK_DIR/$instance" -m fast -w stop >/dev/null 2>&1 || true
+            log "stopped $instance"
+        fi
+    done
     rm -rf "$STACK_DIR"
 }
 
@@ -321,7 +438,7 @@ stack: running, data and logs in $STACK_DIR
   Mosquitto    mqtt://127.0.0.1:$MQTT_PORT   per-user logins and ACL (scripts/mosquitto-acl.conf):
                devices alice/alice-dev, bob/bob-dev, user-1..3/secret-user-1..3 (more: $0 users PREFIX COUNT);
                services telemetry-bridge/telemetry-bridge, telemetry-worker/telemetry-worker
-  Tansu/Kafka  127.0.0.1:$KAFKA_PORT   topics iot-stream ($PARTITIONS partitions), iot-stream-dlq
+  Tansu/Kafka  127.0.0.1:$KAFKA_CLIENT_PORT   topics iot-stream ($PARTITIONS partitions), iot-stream-dlq; $KAFKA_STORAGE storage
   worker       http://$WORKER_HTTP/metrics  /healthz  /readyz   alert rules $here/deploy/alerts/rules.toml
   bridge       http://$BRIDGE_HTTP/metrics  /healthz  /readyz   config $(bridge_config_path)
   query API    http://$API_LISTEN/v1/openapi.json   http://$API_HTTP/metrics  /healthz  /readyz
@@ -329,14 +446,21 @@ STATUS
 }
 
 # Tansu's memory storage keeps every record it ever took, and grows slower as it does; a fresh
-# one behaves like a Kafka whose old segments expired. The bridge and the API restart too, as
-# their idempotent producers' state belongs to the old broker.
+# one behaves like a Kafka whose old segments expired. With PostgreSQL storage its database is
+# emptied. The bridge and the API restart too, as their idempotent producers' state belongs to
+# the old broker; the worker forgets its offsets, which belong to the old topics.
 fresh_kafka() {
-    for name in telemetry-api telemetry-bridge telemetry-worker tansu; do stop_pidfile "$name"; done
+    stop_workers
+    for name in telemetry-api telemetry-bridge tansu; do stop_pidfile "$name"; done
+    if [ "$KAFKA_STORAGE" = postgres ] && [ -d "$STACK_DIR/kafka-postgres" ]; then
+        start_pg_instance kafka-postgres "$KAFKA_PG_PORT" tansu
+        as_db_user "$pg_bin/dropdb" -h 127.0.0.1 -p "$KAFKA_PG_PORT" -U postgres tansu
+        forget_offsets
+    fi
     up
 }
 
-usage() { echo "usage: $0 up|down|status|users PREFIX COUNT|fresh-kafka" >&2; exit 2; }
+usage() { echo "usage: $0 up|down|status|users PREFIX COUNT|fresh-kafka|workers N|stop-postgres fast|immediate" >&2; exit 2; }
 
 case "${1:-}" in
     up) up ;;
@@ -344,5 +468,7 @@ case "${1:-}" in
     status) status ;;
     users) [ $# -eq 3 ] || usage; add_users "$2" "$3" ;;
     fresh-kafka) fresh_kafka ;;
+    workers) [ $# -eq 2 ] || usage; scale_workers "$2" ;;
+    stop-postgres) [ $# -eq 2 ] || usage; stop_postgres "$2" ;;
     *) usage ;;
 esac

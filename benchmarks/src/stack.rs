@@ -63,7 +63,8 @@ impl LocalStack {
         })
     }
 
-    fn script(&self, args: &[&str]) -> anyhow::Result<()> {
+    /// Runs `scripts/stack.sh` with `args` (its progress lines go to stderr).
+    pub fn script(&self, args: &[&str]) -> anyhow::Result<()> {
         let status = Command::new(self.root.join("scripts/stack.sh"))
             .args(args)
             .env("BIN_DIR", &self.bin_dir)
@@ -358,7 +359,8 @@ pub fn backlog_growth(samples: &[BacklogSample], until_s: f64) -> f64 {
     mean(0.75 * until_s, until_s) - mean(0.5 * until_s, 0.75 * until_s)
 }
 
-fn metrics_page(addr: &str) -> String {
+/// The Prometheus page at `addr`, or empty when it does not answer.
+pub fn metrics_page(addr: &str) -> String {
     use std::io::{Read, Write};
     let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
         return String::new();
@@ -373,7 +375,8 @@ fn metrics_page(addr: &str) -> String {
     page
 }
 
-fn rss_mb(pid: u32) -> f64 {
+/// A process's resident memory in MB, from /proc; 0 when it is gone.
+pub fn rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|status| {

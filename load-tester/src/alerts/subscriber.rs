@@ -7,9 +7,11 @@
 //! alert topics of all of the run's users.
 //!
 //! The subscriptions are in place (SUBACK received) before the first reading is published, so
-//! no alert can be missed for being early. Sessions are clean; after a reconnect the
-//! subscriptions are made again, and alerts published while the connection was down count as
-//! not received.
+//! no alert can be missed for being early. Sessions are persistent, as an owner who wants every
+//! alert keeps them: the broker queues the alerts published while a connection is down (a broker
+//! restart included, when it persists sessions) and sends them on reconnect, and the
+//! subscriptions are made again too in case the broker forgot the session. An alert the broker
+//! did not keep counts as not received.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -129,7 +131,7 @@ impl Subscriber {
                 config.mqtt_host.clone(),
                 config.mqtt_port,
             );
-            options.set_keep_alive(KEEP_ALIVE).set_clean_session(true);
+            options.set_keep_alive(KEEP_ALIVE).set_clean_session(false);
             if let Some((username, password)) = login {
                 options.set_credentials(username, password);
             }
@@ -252,7 +254,7 @@ impl Connection {
                     self.receipts
                         .record(Receipt::new(publish.topic, &publish.payload, at));
                 }
-                // A clean session forgets the subscriptions when the connection drops.
+                // A broker that forgot the session has no subscriptions after a reconnect.
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     let filters = self
                         .filters
