@@ -36,6 +36,18 @@ if ! command -v tansu >/dev/null && [ ! -x "$cargo_bin/tansu" ]; then
     # Without --locked tansu 0.6.0 does not build against today's crates.
     cargo install --locked tansu@0.6.0 --features dynostore,postgres
 fi
+# The durable local Kafka (KAFKA_STORAGE=postgres: make chaos and its test) writes Tansu's
+# PostgreSQL tables from the DDL its tansu-storage crate ships, read from cargo's registry, where
+# `cargo install` leaves it. A machine whose tansu came another way, or whose registry was
+# cleaned, fetches that crate's source (seconds).
+if ! ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/tansu-storage-0.6.0/src/ddl >/dev/null 2>&1; then
+    echo "install-deps: fetching tansu-storage 0.6.0's source for its DDL"
+    fetch_dir=$(mktemp -d)
+    printf '[package]\nname = "tansu-ddl"\nversion = "0.0.0"\nedition = "2021"\n[lib]\npath = "lib.rs"\n[dependencies]\ntansu-storage = { version = "=0.6.0", default-features = false }\n' > "$fetch_dir/Cargo.toml"
+    touch "$fetch_dir/lib.rs"
+    (cd "$fetch_dir" && cargo fetch --quiet)
+    rm -rf "$fetch_dir"
+fi
 # `make fuzz` only: the nightly toolchain and cargo-fuzz (about 2 minutes the first time).
 if [ "${INSTALL_FUZZ:-0}" = 1 ]; then
     if ! rustup toolchain list | grep -q '^nightly'; then
