@@ -98,9 +98,7 @@ pub async fn replay(
     start: ReplayStart,
     partitions: &[i32],
 ) -> Result<Vec<PartitionReplay>, ReplayError> {
-    let group = GroupAdmin::new(config)?;
-    group.ensure_inactive()?;
-    let partitions = group.partitions(partitions)?;
+    let (group, partitions) = GroupAdmin::idle(config, partitions)?;
     let starts = group.start_offsets(start, &partitions)?;
     let mut client = connect(config).await?;
     let tx = client
@@ -140,9 +138,7 @@ pub async fn rebuild(
     if from >= to {
         return Err(ReplayError::EmptyRange { from, to });
     }
-    let group = GroupAdmin::new(config)?;
-    group.ensure_inactive()?;
-    let partitions = group.partitions(partitions)?;
+    let (group, partitions) = GroupAdmin::idle(config, partitions)?;
     let mut client = connect(config).await?;
     let tx = client
         .transaction()
@@ -219,9 +215,7 @@ pub async fn start_new_log(
     config: &WorkerConfig,
     partitions: &[i32],
 ) -> Result<Vec<PartitionReplay>, ReplayError> {
-    let group = GroupAdmin::new(config)?;
-    group.ensure_inactive()?;
-    let partitions = group.partitions(partitions)?;
+    let (group, partitions) = GroupAdmin::idle(config, partitions)?;
     let mut client = connect(config).await?;
     let tx = client
         .transaction()
@@ -326,6 +320,15 @@ struct GroupAdmin {
 }
 
 impl GroupAdmin {
+    /// The group's admin once no member is consuming, and the partitions to act on: every
+    /// operator command that moves positions starts here.
+    fn idle(config: &WorkerConfig, chosen: &[i32]) -> Result<(GroupAdmin, Vec<i32>), ReplayError> {
+        let group = GroupAdmin::new(config)?;
+        group.ensure_inactive()?;
+        let partitions = group.partitions(chosen)?;
+        Ok((group, partitions))
+    }
+
     fn new(config: &WorkerConfig) -> Result<Self, ReplayError> {
         let consumer = config
             .kafka
